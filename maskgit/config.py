@@ -1,0 +1,166 @@
+"""Typed configuration of the stage-2 masked token transformer: the model, its training run, and named presets."""
+
+from dataclasses import dataclass, fields
+
+from .schedules import SCHEDULES
+
+CRITICS = ("none", "self", "separate")
+TRAIN_CRITIC = ("joint", "separate")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def _check_prob(name: str, value: float, *, closed_top: bool = True):
+    if not (0.0 <= value <= 1.0 if closed_top else 0.0 <= value < 1.0):
+        raise ValueError(f"{name}={value}: must be in [0, {'1]' if closed_top else '1)'}")
+
+
+@dataclass
+class MaskGITConfig:
+    dim: int = 512                     # transformer width; a multiple of `heads` and of 4 (2D sin-cos positions)
+    depth: int = 12                    # transformer blocks
+    heads: int = 8                     # attention heads (head dim = dim / heads)
+    ff_mult: int = 4                   # feed-forward hidden width = ff_mult * dim
+    dropout: float = 0.1               # attention and feed-forward dropout
+    class_cond: bool = True            # condition on dataset labels (needs a labelled dataset); False: unconditional
+    cond_drop_prob: float = 0.1        # training: fraction of labels replaced by the null class (for CFG)
+    schedule: str = "cosine"           # mask schedule m(t) for training (and the default for sampling)
+    label_smoothing: float = 0.0       # cross-entropy label smoothing over the codebook
+    mdlm_weight: bool = False          # weight the loss by the MDLM ELBO weight -m'(t)/m(t) (False: plain CE)
+    no_replace_prob: float = 0.0       # BERT-style: fraction of masked places that show their true token
+    random_token_prob: float = 0.0     # BERT-style: fraction of masked places that show a random code
+    self_cond: bool = False            # self-conditioning on the previous prediction's embeddings
+    self_cond_train_prob: float = 0.5  # training: probability (per batch) of running the self-conditioning pass
+    critic: str = "none"               # token critic: "none", "self" (head on the generator) or "separate" (own net)
+    critic_depth: int = 4              # "separate" critic: transformer blocks
+    critic_dim: int = 0                # "separate" critic: width; 0 = same as `dim`
+    critic_loss_weight: float = 1.0    # weight of the critic's BCE in the joint loss
+    critic_temperature: float = 0.0    # temperature of the samples the critic learns on; 0 = U(0,1) per sample
+
+    def validate(self):
+        """Raise ValueError naming the field and the fix for any out-of-range value."""
+        for name in ("dim", "depth", "heads", "ff_mult", "critic_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        for name in ("dim", "critic_dim"):
+            width = getattr(self, name) or self.dim
+            if width % self.heads or width % 4:
+                raise ValueError(
+                    f"{name}={width}: must be divisible by heads={self.heads} and by 4; e.g. {self.heads * 64}"
+                )
+        if self.critic_dim < 0:
+            raise ValueError(f"critic_dim={self.critic_dim}: must be >= 0 (0 = same as dim)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}: choose one of {SCHEDULES}")
+        if self.critic not in CRITICS:
+            raise ValueError(f"critic={self.critic!r}: choose one of {CRITICS}")
+        for name in ("dropout", "cond_drop_prob", "no_replace_prob", "random_token_prob", "self_cond_train_prob"):
+            _check_prob(name, getattr(self, name))
+        _check_prob("label_smoothing", self.label_smoothing, closed_top=False)
+        if self.no_replace_prob + self.random_token_prob > 1:
+            raise ValueError(
+                f"no_replace_prob + random_token_prob = {self.no_replace_prob + self.random_token_prob} > 1: "
+                "they split the masked places, so their sum must be <= 1"
+            )
+        if self.critic_loss_weight < 0:
+            raise ValueError(f"critic_loss_weight={self.critic_loss_weight}: must be >= 0")
+        if self.critic_temperature < 0:
+            raise ValueError(f"critic_temperature={self.critic_temperature}: must be >= 0 (0 = random per sample)")
+
+    def __post_init__(self):
+        self.validate()
+
+
+@dataclass
+class MaskGITTrainConfig:
+    steps: int = 100_000               # optimizer updates (each one global batch); generator(+critic) phase
+    batch_size: int = 256              # code grids per optimizer update, summed over processes and accumulation
+    lr: float = 3e-4                   # peak AdamW learning rate
+    weight_decay: float = 0.045        # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.96)  # AdamW betas (MaskGIT's)
+    lr_schedule: str = "cosine"        # "constant" or "cosine" (decays to 0 at the end), after warmup
+    warmup_steps: int = 2500           # linear warmup from 0 to `lr`
+    grad_clip: float = 1.0             # max global gradient norm; 0 disables clipping
+    ema_decay: float = 0.9999          # EMA of the weights used for eval and sampling; 0 disables EMA
+    eval_every: int = 5000             # steps between held-out evaluations (masked CE and accuracy)
+    sample_every: int = 5000           # steps between sample grids written next to the checkpoints
+    sample_steps: int = 12             # decoding steps for those previews
+    num_sample_images: int = 64        # images per preview grid
+    save_every: int = 10_000           # steps between checkpoints
+    keep_last: int = 3                 # checkpoints to keep on disk (older ones are deleted)
+    num_eval_images: int = 1000        # held-out code grids per evaluation
+    seed: int = 0                      # seeds torch: weights, data order, masking
+    mixed_precision: str = "no"        # "no", "fp16" or "bf16" (passed to accelerate)
+    grad_accum: int = 1                # micro-batches per optimizer update
+    compile: bool = False              # torch.compile the model for training
+    num_workers: int = 4               # DataLoader worker processes per training process
+    # Token-Critic (Lezama et al. 2022) trains its critic on a frozen, trained generator: "separate" runs `steps`
+    # generator-only updates, then `critic_steps` critic-only updates (generator under no_grad; a "self" critic
+    # then trains only its head). "joint" trains both with one summed loss for `steps` updates.
+    train_critic: str = "joint"        # "joint" or "separate" (ignored when the model has no critic)
+    critic_steps: int = 0              # "separate": critic-only updates after the generator phase
+
+    def validate(self):
+        """Raise ValueError naming the field and the fix for any out-of-range value."""
+        for name in ("steps", "batch_size", "eval_every", "sample_every", "sample_steps", "num_sample_images",
+                     "save_every", "keep_last", "num_eval_images", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        for name in ("weight_decay", "warmup_steps", "grad_clip", "num_workers", "critic_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr}: must be > 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas={self.betas}: need two values in [0, 1), e.g. (0.9, 0.96)")
+        _check_prob("ema_decay", self.ema_decay, closed_top=False)
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}: "
+                f"the micro-batch would not be whole"
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r}: choose one of {LR_SCHEDULES}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}: choose one of {MIXED_PRECISION}")
+        if self.train_critic not in TRAIN_CRITIC:
+            raise ValueError(f"train_critic={self.train_critic!r}: choose one of {TRAIN_CRITIC}")
+        if self.train_critic == "separate" and self.critic_steps < 1:
+            raise ValueError("train_critic='separate' needs critic_steps >= 1 (critic-only updates after `steps`)")
+        if self.train_critic == "joint" and self.critic_steps:
+            raise ValueError(f"critic_steps={self.critic_steps} is only used with train_critic='separate'")
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)  # lists from JSON/CLI become tuples
+        self.validate()
+
+
+def check_configs(cfg: MaskGITConfig, train_cfg: MaskGITTrainConfig):
+    """Raise ValueError where the model and the training run disagree."""
+    if train_cfg.train_critic == "separate" and cfg.critic == "none":
+        raise ValueError("train_critic='separate' needs a critic: set critic='self' or 'separate'")
+
+
+# The CLI exposes every field of both dataclasses as --field-name, so their names must not collide.
+assert not {f.name for f in fields(MaskGITConfig)} & {f.name for f in fields(MaskGITTrainConfig)}
+
+MASKGIT_PRESETS: dict[str, tuple[MaskGITConfig, MaskGITTrainConfig]] = {
+    # A few CPU minutes on 8x8 code grids: ~0.9M parameters with 512 codes, ~20 GFLOP per step of 32 grids.
+    "tiny": (
+        MaskGITConfig(dim=128, depth=4, heads=4, dropout=0.0),
+        MaskGITTrainConfig(
+            steps=1000, batch_size=32, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.99), warmup_steps=100,
+            ema_decay=0.999, eval_every=250, sample_every=500, sample_steps=8, num_sample_images=16,
+            save_every=500, num_eval_images=256, num_workers=0,
+        ),
+    ),
+    # A GPU run on CIFAR-10 codes (8x8 from the "cifar10" tokenizer; ~38M parameters).
+    "cifar10": (
+        MaskGITConfig(dim=512, depth=12, heads=8, dropout=0.1, label_smoothing=0.1),
+        MaskGITTrainConfig(
+            steps=100_000, batch_size=256, lr=3e-4, weight_decay=0.045, betas=(0.9, 0.96), warmup_steps=2500,
+            ema_decay=0.9999, eval_every=5000, sample_every=5000, save_every=10_000, num_eval_images=1000,
+            mixed_precision="bf16", num_workers=4,
+        ),
+    ),
+}
