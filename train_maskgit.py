@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -22,12 +23,13 @@ from vqvae import load_tokenizer
 from vqvae.data import load_dataset, save_image_grid
 from vqvae.training import (
     Checkpoints, MetricsLog, NonFiniteLossError, RunFolderError, StepBatchSampler, Throughput, TrainState,
-    add_config_args, check_finite, fail, flat_hparams, format_config, lr_schedule, make_accelerator,
+    add_config_args, check_finite, fail, flat_hparams, format_config, lr_factor, make_accelerator,
     nonfinite_message, read_run_config, resolve_run_configs, save_weights, step_generator, write_run_config,
 )
 
 STAGE = "maskgit"
 RAW_WEIGHTS, EMA_WEIGHTS = "model.safetensors", "ema.safetensors"
+CRITIC_PARAMETERS = ("token_critic.", "critic_")  # name prefixes of the critic's own parameters
 RESUMABLE_CHANGES = {"steps", "critic_steps", "eval_every", "sample_every", "save_every", "keep_last",
                      "num_workers", "num_eval_images", "num_sample_images", "sample_steps"}
 
@@ -78,22 +80,28 @@ def resolve_config(args) -> tuple[MaskGITConfig, MaskGITTrainConfig, dict]:
 def encoded_splits(accelerator, vq, data: dict, cache_dir: Path):
     """(train codes (N, 2, h, w), train labels, held-out codes (M, 1, h, w), held-out labels, class names).
 
-    The main process encodes and caches; the others wait and read the cache."""
+    The main process encodes and caches; the others wait and read the cache. A cached split needs no images."""
     out = []
-    classes = None
     for split, flips in (("train", True), ("test", False)):
-        dataset = None
+        def build(split=split, flips=flips):
+            dataset = load_dataset(data["data"], data["image_size"], split, root=data["data_root"])
+            codes, labels = encode_dataset(vq, dataset, flips=flips, device=accelerator.device,
+                                           progress=accelerator.is_main_process)
+            return codes, labels, dataset.classes
 
-        def build():
-            return encode_dataset(vq, dataset, flips=flips, device=accelerator.device,
-                                  progress=accelerator.is_main_process)
-
-        dataset = load_dataset(data["data"], data["image_size"], split, root=data["data_root"])
-        classes = dataset.classes
         key = cache_key(data["vq_run"], data["data"], data["image_size"], split, data["data_root"], flips)
         with accelerator.main_process_first():
-            out += load_or_build(cache_dir, key, build)
+            codes, labels, classes = load_or_build(cache_dir, key, build)
+        out += [codes, labels]
     return (*out, classes)
+
+
+def phase_schedule(optimizer, cfg: MaskGITTrainConfig):
+    """Warm-up + decay over the generator's `steps`, then afresh over `critic_steps` for a separate critic."""
+    generator = lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
+    critic = lr_factor(cfg.lr_schedule, min(cfg.warmup_steps, cfg.critic_steps // 10), max(cfg.critic_steps, 1))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: generator(step) if step < cfg.steps else critic(step - cfg.steps))
 
 
 def build_optimizer(model, cfg: MaskGITTrainConfig):
@@ -102,8 +110,16 @@ def build_optimizer(model, cfg: MaskGITTrainConfig):
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
-    total = cfg.steps + cfg.critic_steps
-    return optimizer, lr_schedule(optimizer, cfg.lr_schedule, cfg.warmup_steps, total)
+    return optimizer, phase_schedule(optimizer, cfg)
+
+
+@torch.no_grad()
+def track_critic(ema, model) -> None:
+    """In a critic-only phase the EMA copy follows the critic directly: averaging would keep its random start."""
+    averaged = dict(ema.module.named_parameters())
+    for name, param in model.named_parameters():
+        if name.startswith(CRITIC_PARAMETERS):
+            averaged[name].copy_(param)
 
 
 def batch(codes, labels, sampler: StepBatchSampler, step: int, micro_step: int, seed: int, rank: int, device):
@@ -157,14 +173,20 @@ def main(argv=None) -> None:
         train_codes, train_labels, eval_codes, eval_labels, classes = encoded_splits(accelerator, vq, data, cache_dir)
     except (RunFolderError, OSError, ValueError) as err:
         fail(f"could not prepare the training codes: {err}")
-    num_classes = len(classes) if model_cfg.class_cond else 0
     if model_cfg.class_cond and not classes:
-        fail(f"--class-cond needs a labelled dataset (class subfolders), but {data['data']} is unlabelled: "
-             "pass --class-cond false")
+        if args.class_cond:
+            fail(f"--class-cond needs a labelled dataset (class subfolders), but {data['data']} is unlabelled: "
+                 "pass --class-cond false")
+        accelerator.print(f"{data['data']} is unlabelled: training an unconditional model")
+        model_cfg = dataclasses.replace(model_cfg, class_cond=False)
+    num_classes = len(classes) if model_cfg.class_cond else 0
 
-    torch.manual_seed(train_cfg.seed)
+    torch.manual_seed(train_cfg.seed)  # the same initial weights on every process
     model = build_maskgit(model_cfg, codebook_size=vq.codebook_size, grid=vq.grid_size, num_classes=num_classes)
     model.to(accelerator.device)
+    # masks, condition dropout and critic temperatures come from the global RNG: one stream per process, or
+    # every process would draw the same masks for its share of the batch (a resume restores each stream)
+    torch.manual_seed(train_cfg.seed * 1_000_003 + accelerator.process_index)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_cfg.ema_decay), use_buffers=True)
            if train_cfg.ema_decay > 0 else None)
     optimizer, scheduler = build_optimizer(model, train_cfg)
@@ -237,6 +259,8 @@ def main(argv=None) -> None:
                         optimizer.zero_grad(set_to_none=True)
                         if ema is not None:
                             ema.update_parameters(model)
+                            if critic_phase:
+                                track_critic(ema, model)
             speed.add(codes.shape[0] * accelerator.num_processes)
         scheduler.step()
         state.step += 1

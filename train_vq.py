@@ -47,7 +47,11 @@ def resolve_config(args) -> tuple[VQConfig, VQTrainConfig, dict]:
     """Model config, training config and data description: from the preset, or from the run when resuming."""
     model_cfg, train_cfg, saved = resolve_run_configs(args, stage=STAGE, config_classes=(VQConfig, VQTrainConfig),
                                                       presets=VQ_PRESETS, resumable=RESUMABLE_CHANGES)
-    data = saved["data"] if saved else {"data": args.data, "data_root": args.data_root, "preset": args.preset}
+    if saved:
+        return model_cfg, train_cfg, saved["data"]
+    # a folder is recorded as an absolute path, so stage 2 and resumes work from any directory
+    data = args.data if args.data in ("cifar10", "shapes") else str(Path(args.data).resolve())
+    data = {"data": data, "data_root": str(Path(args.data_root).resolve()), "preset": args.preset}
     return model_cfg, train_cfg, data
 
 

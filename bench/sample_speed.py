@@ -216,8 +216,8 @@ def sampler_only(ours: MaskGIT, args, device, steps: int) -> dict[tuple, float]:
     with torch.inference_mode():
         for b in args.batches:
             out["ours", b] = measure(lambda: stub.generate(batch_size=b, labels=labels[:b], steps=steps), None,
-                                     device, args, 1).seconds / steps
-            out["ref", b] = measure(lambda: reference.generate(batch_size=b), None, device, args, 1).seconds / steps
+                                     device, args, b).seconds / steps
+            out["ref", b] = measure(lambda: reference.generate(batch_size=b), None, device, args, b).seconds / steps
     return out
 
 
@@ -299,8 +299,8 @@ def main(argv=None):
 
     report = [f"## Sampling speed: {args.grid}x{args.grid} tokens, codebook {K}, transformer {args.dim} wide, "
               f"{args.depth} layers, {args.heads} heads, {args.classes} classes", "",
-              machine_line(device) + f"; fp32 matmul peak {fmt(peak)} GFLOP/s"
-              + (" (bf16, autocast)" if device.type == "cuda" else "")
+              machine_line(device) + f"; {'bf16' if device.type == 'cuda' else 'fp32'} matmul peak {fmt(peak)} GFLOP/s"
+              + (" (runs under bf16 autocast)" if device.type == "cuda" else "")
               + ("; torch.compile" if args.compile else ""), "",
               f"FLOPs per sequence per forward (FlopCounterMode): {fmt(flops_cond / 1e6)} M with the class token, "
               f"{fmt(flops_uncond / 1e6)} M without.", ""]

@@ -1,4 +1,9 @@
-"""Halton reveal order for a token grid (Besnier et al. 2025, "Halton scheduler for masked generative image transformers")."""
+"""Halton reveal order for a token grid.
+
+Besnier et al. 2025, "Halton scheduler for masked generative image transformers": revealing places in the order
+of a 2D low-discrepancy sequence spreads each step's tokens over the image, so tokens decided together are far
+apart and depend on each other less than neighbours do.
+"""
 
 from functools import lru_cache
 
@@ -29,5 +34,5 @@ def _halton_order(h: int, w: int) -> tuple[int, ...]:
 
 
 def halton_order(h: int, w: int) -> Tensor:
-    """Row-major cell indices (h*w,) in the order the 2D Halton sequence (base 2 -> rows, 3 -> columns) first hits them."""
+    """Row-major cell indices (h*w,) in the order the 2D Halton sequence (bases 2 -> rows, 3 -> columns) hits them."""
     return torch.tensor(_halton_order(h, w), dtype=torch.long)

@@ -31,7 +31,7 @@ class SamplerConfig:
     choice_temperature: float = 4.5    # Gumbel noise scale on confidences (MaskGIT), annealed linearly towards 0
     critic_noise: float = 1.0          # the same for critic scores ("critic"), which live on a logit scale
     top_k: int | None = None           # draw only among the k likeliest codes
-    top_p: float | None = None         # nucleus: draw only among the likeliest codes holding this much mass
+    top_p: float | None = None         # nucleus: the likeliest codes holding this much mass (alone it costs a sort)
     cfg: float = 0.0                   # guidance w: cond + w * (cond - uncond); 0 = no unconditional pass
     cfg_schedule: str = "constant"     # "constant" w, or "linear": w ramps from 0 at the first step to cfg at the last
     remask: bool = False               # let later steps re-mask tokens drawn earlier (never given ones)
@@ -107,7 +107,7 @@ def sample(model, batch_size: int | None = None, labels: Tensor | None = None, c
     if config.cfg > 0 and (labels is None or model.num_classes == 0):
         raise ValueError("cfg > 0 needs a class-conditional model and labels (guidance contrasts them with no class)")
     if config.strategy == "critic" and not model.has_critic:
-        raise ValueError("strategy='critic' needs a model built with a token critic (token_critic or self_token_critic)")
+        raise ValueError("strategy='critic' needs a model with a token critic (token_critic or self_token_critic)")
     seq, keep = _initial_state(model, b, init_codes, keep, device)
 
     n_unknown = (~keep).sum(-1)                                             # (b,)
@@ -170,7 +170,7 @@ def sample(model, batch_size: int | None = None, labels: Tensor | None = None, c
 
 
 def _rand(shape, generator: torch.Generator | None, device) -> Tensor:
-    """U(0, 1) from `generator` (drawn on its own device, so a CPU generator can drive a GPU model) or the global RNG."""
+    """U(0, 1) from `generator` (drawn on its own device: a CPU generator can drive a GPU model) or the global RNG."""
     if generator is None:
         return torch.rand(shape, device=device)
     return torch.rand(shape, generator=generator, device=generator.device).to(device)

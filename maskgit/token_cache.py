@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from vqvae.data import dataset_fingerprint
@@ -49,19 +50,21 @@ def encode_dataset(vq, dataset, *, flips: bool, device, batch_size: int = 256, p
     return torch.cat(codes), torch.cat(labels).long()
 
 
-def load_or_build(cache_dir, key: str, build) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return cached (codes, labels) for `key`, calling `build()` and saving its result when absent or damaged."""
+def load_or_build(cache_dir, key: str, build) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Cached (codes, labels, class names) for `key`; `build()` makes them when absent or damaged."""
     path = Path(cache_dir) / f"codes-{key}.safetensors"
     if path.is_file():
         try:
-            tensors = load_file(str(path))
-            return tensors["codes"].long(), tensors["labels"].long()
-        except (SafetensorError, OSError, KeyError) as err:
+            with safe_open(str(path), framework="pt") as fh:
+                classes = json.loads(fh.metadata()["classes"])
+                return fh.get_tensor("codes").long(), fh.get_tensor("labels").long(), classes
+        except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as err:
             print(f"token cache {path} is unreadable ({err}); rebuilding it")
-    codes, labels = build()
+    codes, labels, classes = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     store = codes.to(torch.int16 if codes.max() < 2**15 else torch.int32)  # codes are small ints
-    save_file({"codes": store.contiguous(), "labels": labels.contiguous()}, str(tmp))
+    save_file({"codes": store.contiguous(), "labels": labels.contiguous()}, str(tmp),
+              metadata={"classes": json.dumps(classes)})
     os.replace(tmp, path)
-    return codes, labels
+    return codes, labels, classes

@@ -65,3 +65,28 @@ def train_vq_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def tiny_labelled_images(tmp_path_factory) -> Path:
+    """The same 240 shapes images as `tiny_images`, in one subfolder per class (10 classes, sorted names)."""
+    from PIL import Image
+
+    from vqvae.data import SHAPES_CLASSES, make_shapes
+
+    folder = tmp_path_factory.mktemp("tiny_labelled_images")
+    images, labels = make_shapes(240, 16)  # uint8 (n, 3, 16, 16), int64 (n,)
+    for i, (image, label) in enumerate(zip(images, labels.tolist())):
+        class_dir = folder / SHAPES_CLASSES[label]
+        class_dir.mkdir(exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(class_dir / f"{i:04d}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def train_maskgit_module():
+    """train_maskgit.py imported as a module, to call `main(argv)` in-process where no training happens."""
+    spec = importlib.util.spec_from_file_location("train_maskgit", REPO / "train_maskgit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -272,7 +272,7 @@ def test_self_critic_and_self_conditioning():
     model = make_model(critic="self", self_cond=True)
     for settings in (dict(), dict(strategy="critic", cfg=2.0, cfg_schedule="linear"), dict(remask=True, cfg=1.0)):
         fed_back = []  # batch sizes of the embeddings fed back: every step after the first, both CFG halves
-        handle = model.to_self_cond.register_forward_pre_hook(lambda m, args: fed_back.append(args[0].shape[0]))
+        handle = model.to_self_cond.register_forward_pre_hook(lambda m, args, out=fed_back: out.append(len(args[0])))
         try:
             codes = run(model, b=3, steps=4, **settings)
         finally:
@@ -287,15 +287,16 @@ def test_halton_order_is_a_spread_permutation():
         assert sorted(halton_order(h, w).tolist()) == list(range(h * w))
     order = halton_order(8, 8)
     rows, cols = (order // 8).tolist(), (order % 8).tolist()
-    quadrant = [2 * (r >= 4) + (c >= 4) for r, c in zip(rows, cols)]
+    quadrant = [2 * (r >= 4) + (c >= 4) for r, c in zip(rows, cols, strict=True)]
     assert sorted(quadrant[:8]) == [0, 0, 1, 1, 2, 2, 3, 3]  # the first 8 cells: two per quadrant
     # base 2 along the rows and base 3 along the columns stratify: on an 8 x 9 grid the first 8 cells take every
     # row once and the first 9 cells every column once
     wide = halton_order(8, 9)
     assert sorted((wide[:8] // 9).tolist()) == list(range(8))
     assert sorted((wide[:9] % 9).tolist()) == list(range(9))
-    assert min(abs(r1 - r2) + abs(c1 - c2)                  # no two of the first 8 cells are side by side
-               for i, (r1, c1) in enumerate(zip(rows[:8], cols[:8])) for r2, c2 in zip(rows[i + 1:8], cols[i + 1:8])) >= 2
+    first = list(zip(rows[:8], cols[:8], strict=True))
+    # no two of the first 8 cells are side by side
+    assert min(abs(r1 - r2) + abs(c1 - c2) for i, (r1, c1) in enumerate(first) for r2, c2 in first[i + 1:]) >= 2
 
 
 def test_halton_sampling_reveals_in_halton_order(model):

@@ -514,8 +514,8 @@ def make_accelerator(run_dir, *, mixed_precision: str, grad_accum: int, cpu: boo
     )
 
 
-def lr_schedule(optimizer, kind: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
-    """Linear warm-up to the base LR, then constant or cosine decay to `min_ratio` of it at `total_steps`."""
+def lr_factor(kind: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+    """LR multiplier per step: linear warm-up, then constant or cosine decay to `min_ratio` at `total_steps`."""
     if kind not in ("constant", "cosine"):
         raise ValueError(f"unknown LR schedule {kind!r}: choose 'constant' or 'cosine'")
 
@@ -527,7 +527,12 @@ def lr_schedule(optimizer, kind: str, warmup_steps: int, total_steps: int, min_r
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
+
+
+def lr_schedule(optimizer, kind: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+    """A LambdaLR following `lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(kind, warmup_steps, total_steps, min_ratio))
 
 
 class MetricsLog:
@@ -547,10 +552,13 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         record = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+        # strict JSON has no NaN/inf: a non-finite value is written as null
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         if self.accelerator.is_main_process:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k != "step"}
         self.accelerator.log(scalars, step=record.get("step"))
 
 
