@@ -1,6 +1,6 @@
 """Sample quality against decoding settings, judged by a classifier trained on real images.
 
-    python bench/quality.py --train                              # train both tiny stages on shapes first (CPU minutes)
+    python bench/quality.py --train                              # train both tiny stages on shapes first (~10 CPU min)
     python bench/quality.py --vq runs/vq --maskgit runs/maskgit  # score runs trained with --critic self
     python bench/quality.py --quick                              # seconds: untrained models, a smoke test
 
@@ -74,7 +74,7 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- the models under test
 
 def train_tiny(workdir: Path, quick: bool, threads: int) -> Path:
-    """Train the tiny presets on shapes with train_vq.py and train_maskgit.py (--critic self); return the stage-2 run."""
+    """Train the tiny presets on shapes (train_vq.py, then train_maskgit.py --critic self); return the stage-2 run."""
     vq_run, mg_run = workdir / "vq", workdir / "maskgit"
     short = ["--steps", "20", "--eval-every", "20", "--save-every", "20", "--num-eval-images", "64"] if quick else []
     jobs = [
@@ -340,8 +340,9 @@ def main(argv=None):
 
     source = "untrained tiny models" if args.untrained else f"{args.maskgit}" + (" (raw weights)" if args.raw else "")
     headers = ["sampler", "schedule", "steps", "guidance", "class accuracy", "FD (features)", "sampling s"]
-    table = [[r["strategy"], r["schedule"], r["steps"], fmt(r["cfg"], 2), f"{r['acc']:.1%} ± {_binom(r['acc'], args.num)}",
-              f"{fmt(r['fd'])} ± {fmt(r['fd_std'], 2)}", fmt(r["seconds"])] for r in rows]
+    table = [[r["strategy"], r["schedule"], r["steps"], fmt(r["cfg"], 2),
+              f"{r['acc']:.1%} ± {_binom(r['acc'], args.num)}", f"{fmt(r['fd'])} ± {fmt(r['fd_std'], 2)}",
+              fmt(r["seconds"])] for r in rows]
     table += [[f"*{name}*", "-", "-", "-", f"{acc:.1%}", f"{fmt(fd)} ± {fmt(std, 2)}", "-"]
               for name, n, acc, fd, std in ref_rows]
     print("\n".join([

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from common import PeakRSS, autocast, fmt, machine_line, markdown_table, median, pick_device, sync
 from maskgit.config import MASKGIT_PRESETS
@@ -126,7 +126,7 @@ def maskgit_row(args, device, critic: str) -> dict:
     """One stage-2 update as in train_maskgit.py (joint generator + critic loss), with its EMA update."""
     import dataclasses
 
-    from train_maskgit import build_optimizer
+    from train_maskgit import build_optimizer, ema_with_warmup
 
     model_cfg, train_cfg = MASKGIT_PRESETS[args.maskgit_preset]
     model_cfg = dataclasses.replace(model_cfg, critic=critic)
@@ -141,7 +141,7 @@ def maskgit_row(args, device, critic: str) -> dict:
         torch.manual_seed(0)
         model = build_maskgit(model_cfg, codebook_size=K, grid=(side, side), num_classes=num_classes).to(device)
         model.train()
-        ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_cfg.ema_decay), use_buffers=True)
+        ema = (AveragedModel(model, multi_avg_fn=ema_with_warmup(train_cfg.ema_decay), use_buffers=True)
                if train_cfg.ema_decay > 0 else None)
         optimizer, scheduler = build_optimizer(model, train_cfg)
         forward = torch.compile(model) if args.compile else model

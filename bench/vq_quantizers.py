@@ -57,7 +57,9 @@ def train(model_cfg: VQConfig, train_cfg: VQTrainConfig, images):
     """Train from scratch on `images` for train_cfg.steps; return (model, seconds, seconds per step)."""
     torch.manual_seed(train_cfg.seed)
     model = VQVAE(model_cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    # the optimizer of train_vq.py; no flips or other augmentation in this short comparison
+    opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                            betas=(0.9, 0.99))
     schedule = lr_schedule(opt, train_cfg.lr_schedule, train_cfg.warmup_steps, train_cfg.steps)
     g = torch.Generator().manual_seed(train_cfg.seed)
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Stage-1 tokenizer: shapes, round trips, training signal, config checks, metrics, and the upstream behaviour we rely on."""
+"""Stage-1 tokenizer: shapes, round trips, training signal, config checks, metrics, upstream behaviour we rely on."""
 
 import dataclasses
 import json
@@ -182,7 +182,8 @@ def test_presets_are_valid_and_field_names_unique():
         train_cfg.validate()
     tiny = VQ_PRESETS["tiny"][0]
     assert (tiny.image_size, tiny.downsample) == (32, 4)
-    assert VQConfig(quantizer="fsq", fsq_levels=[8, 5, 5, 5]).effective_codebook_size == 1000  # lists (JSON) become tuples
+    from_json = VQConfig(quantizer="fsq", fsq_levels=[8, 5, 5, 5])  # JSON gives lists
+    assert from_json.fsq_levels == (8, 5, 5, 5) and from_json.effective_codebook_size == 1000
 
 
 # ----------------------------------------------------------------------------------------------
