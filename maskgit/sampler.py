@@ -308,11 +308,13 @@ def _inverse_cdf(weights: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     total = block_cdf[..., -1:]                                               # (..., 1)
     # u < 1, but u * total may round up to total: stay strictly below it, which keeps zero-weight codes out
     v = torch.minimum(u[..., None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    blk = torch.searchsorted(block_cdf, v, right=True)                        # (..., 1) block with positive mass
+    # (..., 1) block with positive mass; the clamp only matters for non-finite weights (a diverged model), which
+    # then yield some valid code instead of an out-of-range index
+    blk = torch.searchsorted(block_cdf, v, right=True).clamp_(max=K // size - 1)
     v = v - (block_cdf.gather(-1, blk) - mass.gather(-1, blk))                # offset within that block
     inner = blocks.gather(-2, blk[..., None].expand(*lead, 1, size)).squeeze(-2)  # (..., size)
     inner_cdf = inner.cumsum(-1)
     # block sum and cumsum round differently: clamp the offset into [0, inner total) for the same guarantee
     v = torch.minimum(v.clamp(min=0), torch.nextafter(inner_cdf[..., -1:], torch.zeros_like(v)))
-    idx = torch.searchsorted(inner_cdf, v, right=True)
+    idx = torch.searchsorted(inner_cdf, v, right=True).clamp_(max=size - 1)
     return (blk * size + idx).squeeze(-1), total.squeeze(-1)
