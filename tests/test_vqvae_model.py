@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -304,6 +305,13 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
 )
 
 
+def free_port() -> int:
+    # accelerate's default rendezvous port 29500 collides with any other launch running at the same time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_codebook_stays_in_sync_across_two_processes(tmp_path):
     script = tmp_path / "vq_two_processes.py"
@@ -311,7 +319,8 @@ def test_codebook_stays_in_sync_across_two_processes(tmp_path):
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     # --multi_gpu with no GPU gives two gloo CPU processes (DistributedType.MULTI_CPU)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+           "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(script)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
