@@ -30,8 +30,9 @@ def parse_args():
     p.add_argument("--data", default=None, help="a folder of images, benchmarked after `shapes`")
     p.add_argument("--no-shapes", action="store_true", help="skip the built-in shapes set")
     p.add_argument("--preset", default="tiny", choices=sorted(VQ_PRESETS))
-    p.add_argument("--codebook-size", type=int, default=512, help="codes of the vq run")
-    p.add_argument("--fsq-levels", default="8,8,8", help="levels of the fsq run (8,8,8 = 512 codes)")
+    p.add_argument("--codebook-size", type=int, default=None, help="codes of the vq run (default: the preset's)")
+    p.add_argument("--fsq-levels", default=None,
+                   help="levels of the fsq run, e.g. 8,8,8 = 512 codes (default: the preset's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p.parse_args()
 
@@ -81,9 +82,11 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     base_model, base_train = VQ_PRESETS[args.preset]
-    levels = tuple(int(level) for level in args.fsq_levels.split(","))
+    levels = (tuple(int(level) for level in args.fsq_levels.split(",")) if args.fsq_levels
+              else base_model.fsq_levels)
     runs = {
-        "vq": dataclasses.replace(base_model, quantizer="vq", codebook_size=args.codebook_size),
+        "vq": dataclasses.replace(base_model, quantizer="vq",
+                                  codebook_size=args.codebook_size or base_model.codebook_size),
         "fsq": dataclasses.replace(base_model, quantizer="fsq", fsq_levels=levels),
     }
     train_cfg = dataclasses.replace(base_train, steps=args.steps)
