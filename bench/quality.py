@@ -1,6 +1,6 @@
 """Sample quality against decoding settings, judged by a classifier trained on real images.
 
-    python bench/quality.py --train                              # train both tiny stages on shapes first (~10 CPU min)
+    python bench/quality.py --train                              # train both tiny stages on shapes first (~13 CPU min)
     python bench/quality.py --vq runs/vq --maskgit runs/maskgit  # score runs trained with --critic self
     python bench/quality.py --quick                              # seconds: untrained models, a smoke test
 
