@@ -219,6 +219,11 @@ def test_codebook_stats_against_hand_computed_histograms():
     usage, perplexity = codebook_stats(torch.tensor([[3, 3], [5, 7]]), 8)  # p = (1/2, 1/4, 1/4)
     assert usage == pytest.approx(3 / 8)
     assert perplexity == pytest.approx(2**1.5)  # exp(H), H = 1.5 bits
+    # out-of-range indices (FSQ on non-finite latents) are left out rather than crashing the evaluation
+    usage, perplexity = codebook_stats(torch.tensor([3, 3, 5, 7, -9, 8]), 8)
+    assert usage == pytest.approx(3 / 8) and perplexity == pytest.approx(2**1.5)
+    usage, perplexity = codebook_stats(torch.tensor([-1, 99]), 8)
+    assert usage == 0.0 and math.isnan(perplexity)
 
 
 # ----------------------------------------------------------------------------------------------

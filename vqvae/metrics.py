@@ -17,8 +17,16 @@ def psnr(x, y, max_db: float = 100.0):
 
 @torch.no_grad()
 def codebook_stats(codes, codebook_size: int) -> tuple[float, float]:
-    """(fraction of the codebook used, perplexity = exp(entropy of the code histogram)) over all `codes`."""
-    counts = torch.bincount(codes.flatten().long(), minlength=codebook_size).double()
+    """(fraction of the codebook used, perplexity = exp(entropy of the code histogram)) over all `codes`.
+
+    Codes outside [0, codebook_size) are left out: FSQ turns non-finite latents (a diverged run) into such
+    indices, and the evaluation that reports the divergence must not crash on them. None valid: (0, nan).
+    """
+    codes = codes.flatten().long()
+    codes = codes[(codes >= 0) & (codes < codebook_size)]
+    if codes.numel() == 0:
+        return 0.0, float("nan")
+    counts = torch.bincount(codes, minlength=codebook_size).double()
     usage = (counts > 0).sum().item() / codebook_size
     probs = counts / counts.sum()
     entropy = -(probs * probs.clamp(min=1e-30).log()).sum()  # 0 * log 0 counts as 0
