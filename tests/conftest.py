@@ -38,6 +38,21 @@ def launch_args(num_processes: int) -> list[str]:
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`).
+
+    The test models are tiny: a second thread only adds synchronisation, and on a shared 2-core machine its
+    spin-waits made some tests 10-100x slower. The scripts run with OMP_NUM_THREADS=1 (script_env), so
+    in-process results also compare bit for bit with theirs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_images(tmp_path_factory) -> Path:
     """A flat folder of 240 shapes images at 16px: 216 train / 24 held-out (loads in well under a second)."""

@@ -17,13 +17,7 @@ from maskgit.schedules import (
 K, GRID, N, C = 16, (4, 4), 16, 5  # codebook size, code grid, sequence length, classes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these models are tiny: a second thread only adds synchronisation (10x slower on a loaded 2-core box)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def encoder(dim=32, depth=1):

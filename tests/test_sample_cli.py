@@ -25,7 +25,6 @@ MG_ARGS = ["--steps", 10, "--dim", 32, "--depth", 1, "--heads", 2, "--batch-size
 NUM, BATCH, STEPS = 23, 8, 4  # a last batch smaller than the others, and more batches than processes
 
 
-
 def load_script(name: str):
     """A top-level script of the repo as a module, so its main(argv) runs in this process (no start-up cost)."""
     spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / f"{name}.py")
@@ -41,14 +40,7 @@ def check(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The scripts run with OMP_NUM_THREADS=1; in-process runs use one thread too, so results can be compared bit
-    for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

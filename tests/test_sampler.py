@@ -8,7 +8,7 @@ from x_transformers import Encoder, TransformerWrapper
 
 from maskgit.halton import halton_order
 from maskgit.model import MaskGIT
-from maskgit.sampler import SamplerConfig, _draw, masked_counts, sample
+from maskgit.sampler import SamplerConfig, _draw, _inverse_cdf, masked_counts, sample
 
 K, H, W, C = 16, 4, 6, 3  # codebook, grid (not square, so rows and columns cannot be swapped unnoticed), classes
 N = H * W
@@ -353,3 +353,16 @@ def test_config_validation():
                 dict(cfg=-1.0), dict(cfg_schedule="cosine"), dict(strategy="halton", remask=True)):
         with pytest.raises(ValueError):
             SamplerConfig(**bad)
+
+
+def test_inverse_cdf_stays_in_range_for_non_finite_weights():
+    # a diverged model gives nan/inf weights: every draw must still be a valid code index, never K or beyond
+    K = 12
+    weights = torch.rand(6, K)
+    weights[0] = float("nan")
+    weights[1, 3] = float("inf")
+    weights[2, -1] = float("nan")
+    weights[3] = 0.0
+    u = torch.tensor([0.0, 0.3, 0.5, 0.7, 0.9, 1 - 2**-24])
+    idx, _ = _inverse_cdf(weights, u)
+    assert idx.shape == (6,) and bool(((idx >= 0) & (idx < K)).all()), idx

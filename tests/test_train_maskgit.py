@@ -2,6 +2,7 @@
 errors, two processes (weights in sync, critic-only phases under DDP)."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -22,22 +23,13 @@ from vqvae.training import RunFolderError, verify_checkpoint
 
 from conftest import REPO, launch_args, run_script, script_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 STEPS, BATCH, EVAL_IMAGES, KEEP_LAST, CODEBOOK, CLASSES = 12, 16, 16, 2, 64, 10
 TINY_MASKGIT = ["--dim", "32", "--depth", "1", "--heads", "2", "--batch-size", BATCH, "--num-eval-images", EVAL_IMAGES,
                 "--steps", STEPS, "--save-every", "4", "--eval-every", "6", "--sample-every", "6",
                 "--num-sample-images", "10", "--keep-last", KEEP_LAST]
 CRITIC_KEYS = {"critic_loss", "eval_critic_loss", "eval_critic_acc"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The scripts run with OMP_NUM_THREADS=1; so do the in-process checks, so that results compare bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_ok(proc):
@@ -418,3 +410,22 @@ def test_processes_stay_in_sync(tmp_path):
     assert not verdict["control_params_equal"]  # without DDP the copies drift apart: the check can fail
     assert verdict["critic_phase_changed"] == ["critic_head.bias", "critic_head.weight"]
     assert verdict["generator_phase_changed"] == verdict["generator_params"]
+
+
+def test_ema_warmup_matches_its_closed_form(train_maskgit_module):
+    # after the first update copies the weights (0), k updates towards 1 leave the initial share
+    # prod_{n=1..k} (1+n)/(10+n) = (k+1)! 10! / (k+10)! (telescoping), while that stays below `decay`
+    from torch.optim.swa_utils import AveragedModel
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = AveragedModel(model, multi_avg_fn=train_maskgit_module.ema_with_warmup(0.999), use_buffers=True)
+    ema.update_parameters(model)
+    torch.nn.init.ones_(model.weight)
+    k = 3
+    for _ in range(k):
+        ema.update_parameters(model)
+    initial_share = math.factorial(k + 1) * math.factorial(10) / math.factorial(k + 10)
+    assert ema.module.weight.item() == pytest.approx(1 - initial_share, rel=1e-6)
+    # 1.7% of the initial weights left, where a fixed decay of 0.999 would have kept 0.999**3 = 99.7%
+    assert initial_share == pytest.approx(24 / (11 * 12 * 13))

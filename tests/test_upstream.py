@@ -19,12 +19,7 @@ K, N = 16, 16
 REVISIT = "x-transformers changed: revisit UPSTREAM.md defect {} and the workaround in maskgit/model.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def net(**kwargs):

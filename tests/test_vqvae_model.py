@@ -20,14 +20,7 @@ from vqvae.model import VQVAE, build_quantizer
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these models are tiny: a second intra-op thread only adds sync overhead, and on a shared 2-core
-    # machine its spin-waits made the overfitting tests ~100x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def small_config(**overrides) -> VQConfig:
