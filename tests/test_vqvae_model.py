@@ -309,6 +309,8 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
         )
     if accelerator.is_main_process:
         print("RESULT " + json.dumps(result))
+    accelerator.free_memory()  # drop both DDP wrappers (their gloo reducers) before the process group goes
+    accelerator.end_training()  # destroys the process group, as the scripts do: gloo can abort at exit otherwise
     """
 )
 
