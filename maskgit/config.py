@@ -1,13 +1,14 @@
 """Typed configuration of the stage-2 masked token transformer: the model, its training run, and named presets."""
 
 from dataclasses import dataclass, fields
+from typing import ClassVar
+
+from core.train import TrainConfig
 
 from .schedules import SCHEDULES
 
 CRITICS = ("none", "self", "separate")
 TRAIN_CRITIC = ("joint", "separate")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-LR_SCHEDULES = ("constant", "cosine")
 
 
 def _check_prob(name: str, value: float, *, closed_top: bool = True):
@@ -72,57 +73,37 @@ class MaskGITConfig:
 
 
 @dataclass
-class MaskGITTrainConfig:
+class MaskGITTrainConfig(TrainConfig):
+    """Stage 2's training run: the shared fields of core.train.TrainConfig with MaskGIT's defaults, and its own."""
+
     steps: int = 100_000               # optimizer updates (each one global batch); generator(+critic) phase
     batch_size: int = 256              # code grids per optimizer update, summed over processes and accumulation
     lr: float = 3e-4                   # peak AdamW learning rate
-    weight_decay: float = 0.045        # AdamW weight decay
+    weight_decay: float = 0.045        # AdamW weight decay (matrices only: not norms, biases, the position scale)
     betas: tuple[float, float] = (0.9, 0.96)  # AdamW betas (MaskGIT's)
-    lr_schedule: str = "cosine"        # "constant" or "cosine" (decays to 0 at the end), after warmup
     warmup_steps: int = 2500           # linear warmup from 0 to `lr`
-    grad_clip: float = 1.0             # max global gradient norm; 0 disables clipping
-    ema_decay: float = 0.9999          # EMA of the weights used for eval and sampling; 0 disables EMA
     eval_every: int = 5000             # steps between held-out evaluations (masked CE and accuracy)
+    num_eval_images: int = 1000        # held-out code grids per evaluation
+    ema_decay: float = 0.9999          # EMA of the weights used for eval and sampling; 0 disables EMA
     sample_every: int = 5000           # steps between sample grids written next to the checkpoints
     sample_steps: int = 12             # decoding steps for those previews
     num_sample_images: int = 64        # images per preview grid
-    save_every: int = 10_000           # steps between checkpoints
-    keep_last: int = 3                 # checkpoints to keep on disk (older ones are deleted)
-    num_eval_images: int = 1000        # held-out code grids per evaluation
-    seed: int = 0                      # seeds torch: weights, data order, masking
-    mixed_precision: str = "no"        # "no", "fp16" or "bf16" (passed to accelerate)
-    grad_accum: int = 1                # micro-batches per optimizer update
     compile: bool = False              # torch.compile the model for training
-    num_workers: int = 4               # DataLoader worker processes per training process
     # Token-Critic (Lezama et al. 2022) trains its critic on a frozen, trained generator: "separate" runs `steps`
     # generator-only updates, then `critic_steps` critic-only updates (generator under no_grad; a "self" critic
     # then trains only its head). "joint" trains both with one summed loss for `steps` updates.
     train_critic: str = "joint"        # "joint" or "separate" (ignored when the model has no critic)
     critic_steps: int = 0              # "separate": critic-only updates after the generator phase
 
+    RESUMABLE: ClassVar[frozenset] = TrainConfig.RESUMABLE | {"critic_steps", "sample_every", "num_sample_images",
+                                                              "sample_steps"}
+    POSITIVE: ClassVar[tuple] = TrainConfig.POSITIVE + ("sample_every", "sample_steps", "num_sample_images")
+    NON_NEGATIVE: ClassVar[tuple] = TrainConfig.NON_NEGATIVE + ("critic_steps",)
+
     def validate(self):
         """Raise ValueError naming the field and the fix for any out-of-range value."""
-        for name in ("steps", "batch_size", "eval_every", "sample_every", "sample_steps", "num_sample_images",
-                     "save_every", "keep_last", "num_eval_images", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        for name in ("weight_decay", "warmup_steps", "grad_clip", "num_workers", "critic_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr}: must be > 0")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas={self.betas}: need two values in [0, 1), e.g. (0.9, 0.96)")
+        super().validate()
         _check_prob("ema_decay", self.ema_decay, closed_top=False)
-        if self.batch_size % self.grad_accum:
-            raise ValueError(
-                f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}: "
-                f"the micro-batch would not be whole"
-            )
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule={self.lr_schedule!r}: choose one of {LR_SCHEDULES}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision={self.mixed_precision!r}: choose one of {MIXED_PRECISION}")
         if self.train_critic not in TRAIN_CRITIC:
             raise ValueError(f"train_critic={self.train_critic!r}: choose one of {TRAIN_CRITIC}")
         if self.train_critic == "separate" and self.critic_steps < 1:
@@ -130,9 +111,10 @@ class MaskGITTrainConfig:
         if self.train_critic == "joint" and self.critic_steps:
             raise ValueError(f"critic_steps={self.critic_steps} is only used with train_critic='separate'")
 
-    def __post_init__(self):
-        self.betas = tuple(float(b) for b in self.betas)  # lists from JSON/CLI become tuples
-        self.validate()
+    @property
+    def total_steps(self) -> int:
+        """Generator updates, then the critic-only ones of a separately trained critic."""
+        return self.steps + self.critic_steps
 
 
 def check_configs(cfg: MaskGITConfig, train_cfg: MaskGITTrainConfig):

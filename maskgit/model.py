@@ -8,7 +8,7 @@ The workflow is x-transformers' NonAutoregressiveWrapper's:
     codes = model.generate(batch_size=16, labels=labels, steps=8)
 
 It is our own module rather than a subclass: every method of the upstream wrapper needed a change (see
-UPSTREAM.md), and a subclass would inherit its Python-`random` coin flips and constructor
+docs/upstream.md), and a subclass would inherit its Python-`random` coin flips and constructor
 defaults (mask id, loss weighting) that change semantics. What differs from upstream, and why:
 
 * Loss weight: plain masked cross-entropy by default; `mdlm_weight=True` uses -m'(t)/m(t) >= 0
@@ -76,8 +76,9 @@ class GridPositions(nn.Module):
         return self.table * self.scale
 
 
-def _rand(shape, device, generator: torch.Generator | None) -> Tensor:
-    """U(0, 1) from `generator` (on its own device) or the global torch RNG, delivered on `device`."""
+def uniform(shape, device, generator: torch.Generator | None = None) -> Tensor:
+    """U(0, 1) from `generator` (drawn on its own device: a CPU generator can drive a GPU model) or the global
+    torch RNG, delivered on `device`."""
     if generator is None:
         return torch.rand(shape, device=device)
     return torch.rand(shape, generator=generator, device=generator.device).to(device)
@@ -85,7 +86,7 @@ def _rand(shape, device, generator: torch.Generator | None) -> Tensor:
 
 def gumbel_sample(logits: Tensor, temperature: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Sample ids (b, n) from softmax(logits / temperature), logits (b, n, k), temperature (b,) > 0."""
-    u = _rand(logits.shape, logits.device, generator).clamp(min=1e-20)
+    u = uniform(logits.shape, logits.device, generator).clamp(min=1e-20)
     gumbel = -torch.log((-torch.log(u)).clamp(min=1e-20))  # (b, n, k)
     return (logits.float() / temperature[:, None, None] + gumbel).argmax(dim=-1)
 
@@ -367,8 +368,8 @@ class MaskGIT(nn.Module):
         b, n, device = *codes.shape, codes.device
         cond = self.cond_ids(labels, b, device)
 
-        t = _rand((b,), device, generator)
-        mask = self.random_mask(t, _rand((b, n), device, generator))
+        t = uniform((b,), device, generator)
+        mask = self.random_mask(t, uniform((b, n), device, generator))
         inputs = torch.where(mask, self.mask_id, codes)
         self_cond = self._generator(inputs, cond, None)[1] if self.self_cond else None
         logits, _ = self._generator(inputs, cond, self_cond)

@@ -14,6 +14,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .halton import halton_order
+from .model import uniform
 from .schedules import check_schedule, mask_rate
 
 STRATEGIES = ("confidence", "critic", "halton")
@@ -139,7 +140,7 @@ def sample(model, batch_size: int | None = None, labels: Tensor | None = None, c
             logits, embeds = _guided_logits(model, seq, labels, w, prev_embeds if model.self_cond else None)
             prev_embeds = embeds if model.self_cond else None
             # the same draws every step whatever the settings, so runs that differ only in settings stay comparable
-            u_token, u_choice = _rand((2, b, n), generator, device)
+            u_token, u_choice = uniform((2, b, n), device, generator)
 
             # scores are needed unless this step reveals every candidate (the last step, at the latest)
             need_logp = config.strategy == "confidence" and not final[step] and not config.remask
@@ -167,13 +168,6 @@ def sample(model, batch_size: int | None = None, labels: Tensor | None = None, c
     finally:
         model.train(was_training)
     return (seq, trajectory) if return_trajectory else seq
-
-
-def _rand(shape, generator: torch.Generator | None, device) -> Tensor:
-    """U(0, 1) from `generator` (drawn on its own device: a CPU generator can drive a GPU model) or the global RNG."""
-    if generator is None:
-        return torch.rand(shape, device=device)
-    return torch.rand(shape, generator=generator, device=generator.device).to(device)
 
 
 def _initial_state(model, b: int, init_codes: Tensor | None, keep: Tensor | None, device) -> tuple[Tensor, Tensor]:

@@ -6,7 +6,7 @@ a fraction m(t) masked after each step. The same function serves both, so they c
 `mdlm_weight` is the continuous-time ELBO weight of masked diffusion (Sahoo et al. 2024, MDLM) in this time
 convention: with alpha(t) = 1 - m(t) the probability that a token is revealed, the NELBO weight on the
 cross-entropy of each masked token is alpha'(t) / (1 - alpha(t)) = -m'(t) / m(t) >= 0.
-(x-transformers uses m'(t) / (1 - m(t)), which is negative for every decreasing m: see UPSTREAM.md.)
+(x-transformers uses m'(t) / (1 - m(t)), which is negative for every decreasing m: see docs/upstream.md.)
 """
 
 import math

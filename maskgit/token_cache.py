@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from vqvae.data import dataset_fingerprint
+from core.data import dataset_fingerprint
 
 CACHE_VERSION = 1
 

@@ -1,6 +1,5 @@
 """Shared fixtures: running the command-line scripts, a tiny image folder, tiny training settings."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -58,7 +57,7 @@ def tiny_images(tmp_path_factory) -> Path:
     """A flat folder of 240 shapes images at 16px: 216 train / 24 held-out (loads in well under a second)."""
     from PIL import Image
 
-    from vqvae.data import make_shapes
+    from core.data import make_shapes
 
     folder = tmp_path_factory.mktemp("tiny_images")
     images, _ = make_shapes(240, 16)  # uint8 (n, 3, 16, 16)
@@ -75,11 +74,10 @@ def tiny_args(tiny_images) -> list[str]:
 
 @pytest.fixture(scope="session")
 def train_vq_module():
-    """train_vq.py imported as a module, to call `main(argv)` in-process where no training happens."""
-    spec = importlib.util.spec_from_file_location("train_vq", REPO / "train_vq.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """train_vq.py's code (`vqvae.train`), to call `main(argv)` in-process where no training happens."""
+    import vqvae.train
+
+    return vqvae.train
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +85,7 @@ def tiny_labelled_images(tmp_path_factory) -> Path:
     """The same 240 shapes images as `tiny_images`, in one subfolder per class (10 classes, sorted names)."""
     from PIL import Image
 
-    from vqvae.data import SHAPES_CLASSES, make_shapes
+    from core.data import SHAPES_CLASSES, make_shapes
 
     folder = tmp_path_factory.mktemp("tiny_labelled_images")
     images, labels = make_shapes(240, 16)  # uint8 (n, 3, 16, 16), int64 (n,)
@@ -100,8 +98,7 @@ def tiny_labelled_images(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def train_maskgit_module():
-    """train_maskgit.py imported as a module, to call `main(argv)` in-process where no training happens."""
-    spec = importlib.util.spec_from_file_location("train_maskgit", REPO / "train_maskgit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """train_maskgit.py's code (`maskgit.train`), to call `main(argv)` in-process where no training happens."""
+    import maskgit.train
+
+    return maskgit.train

@@ -1,18 +1,18 @@
 """Stage 1: a VQ-VAE that turns images into fixed-size grids of integer codes and back."""
 
-from pathlib import Path
+from core.runs import Run, load_weights
 
 from .config import VQ_PRESETS, VQConfig, VQTrainConfig
 from .model import VQVAE, VQLosses, VQOutput
 
-__all__ = ["VQ_PRESETS", "VQConfig", "VQTrainConfig", "VQVAE", "VQLosses", "VQOutput", "load_tokenizer"]
+__all__ = ["VQ_PRESETS", "VQConfig", "VQTrainConfig", "VQVAE", "VQLosses", "VQOutput", "STAGE", "load_tokenizer"]
+
+STAGE = "vqvae"  # the stage name in a run folder's config.json
 
 
 def load_tokenizer(run_dir, device="cpu") -> VQVAE:
     """Rebuild a trained tokenizer, in eval mode, from its stage-1 run folder alone."""
-    from .training import WEIGHTS_NAME, config_from_dict, load_weights, read_run_config
-
-    config = read_run_config(run_dir, "vqvae")
-    model = VQVAE(config_from_dict(VQConfig, config["model"]), sync_codebook=False)
-    load_weights(model, Path(run_dir) / WEIGHTS_NAME)
+    run = Run.open(run_dir, STAGE)
+    model = VQVAE(run.model_config(VQConfig), sync_codebook=False)
+    load_weights(model, run.weights_path())
     return model.to(device).eval()

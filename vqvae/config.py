@@ -3,10 +3,10 @@
 from dataclasses import dataclass, fields
 from math import prod
 
+from core.train import TrainConfig
+
 QUANTIZERS = ("vq", "fsq")
 RECON_LOSSES = ("mse", "l1")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-LR_SCHEDULES = ("constant", "cosine")
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -86,45 +86,14 @@ class VQConfig:
 
 
 @dataclass
-class VQTrainConfig:
-    steps: int = 100_000               # optimizer updates (each one global batch)
+class VQTrainConfig(TrainConfig):
+    """Stage 1's training run: the shared fields of core.train.TrainConfig, with the tokenizer's defaults."""
+
+    steps: int = 100_000               # optimizer updates (each one global batch of images)
     batch_size: int = 128              # images per optimizer update, summed over processes and accumulation
     lr: float = 2e-4                   # peak AdamW learning rate
-    weight_decay: float = 0.0          # AdamW weight decay
-    lr_schedule: str = "cosine"        # "constant" or "cosine" (decays to 0 at `steps`), after warmup
-    warmup_steps: int = 1000           # linear warmup from 0 to `lr`
-    grad_clip: float = 1.0             # max global gradient norm; 0 disables clipping
     eval_every: int = 5000             # steps between held-out evaluations (PSNR, codebook usage)
-    save_every: int = 10_000           # steps between checkpoints
-    keep_last: int = 3                 # checkpoints to keep on disk (older ones are deleted)
     num_eval_images: int = 1000        # held-out images per evaluation
-    seed: int = 0                      # seeds torch: weights, data order, k-means init
-    mixed_precision: str = "no"        # "no", "fp16" or "bf16" (passed to accelerate)
-    grad_accum: int = 1                # micro-batches per optimizer update
-    num_workers: int = 4               # DataLoader worker processes per training process
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self):
-        """Raise ValueError naming the field and the fix for any out-of-range value."""
-        for name in ("steps", "batch_size", "eval_every", "save_every", "keep_last", "num_eval_images", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        for name in ("weight_decay", "warmup_steps", "grad_clip", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr}: must be > 0")
-        if self.batch_size % self.grad_accum:
-            raise ValueError(
-                f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}: "
-                f"the micro-batch would not be whole"
-            )
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule={self.lr_schedule!r}: choose one of {LR_SCHEDULES}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision={self.mixed_precision!r}: choose one of {MIXED_PRECISION}")
 
 
 # The CLI exposes every field of both dataclasses as --field-name, so their names must not collide.

@@ -122,7 +122,7 @@ def build_quantizer(cfg: VQConfig, sync_codebook: bool) -> nn.Module:
         learnable_codebook=False,           # the codebook moves by EMA only, never by the optimizer
         ema_update=True,
         channel_last=True,                  # we always feed (b, h*w, d) ...
-        accept_image_fmap=False,            # ... never the (b, d, h, w) path (see UPSTREAM.md)
+        accept_image_fmap=False,            # ... never the (b, d, h, w) path (see docs/upstream.md)
         sync_codebook=sync_codebook,        # all-reduce EMA statistics across processes
         sync_kmeans=True,                   # k-means init and dead-code re-seeding draw from all processes alike
     )

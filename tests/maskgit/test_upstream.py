@@ -1,7 +1,7 @@
-"""Pins the x-transformers behaviour that maskgit/model.py works around (see UPSTREAM.md).
+"""Pins the x-transformers behaviour that maskgit/model.py works around (see docs/upstream.md).
 
 Each test asserts the defect is still there. If one fails, upstream changed: read the message, re-check
-UPSTREAM.md, and decide whether our workaround (and its test in test_maskgit_model.py) is still needed."""
+docs/upstream.md, and decide whether our workaround (and its test in test_maskgit_model.py) is still needed."""
 
 import math
 import random
@@ -16,7 +16,7 @@ from maskgit.model import MaskGIT
 from maskgit.schedules import mask_rate, mdlm_weight
 
 K, N = 16, 16
-REVISIT = "x-transformers changed: revisit UPSTREAM.md defect {} and the workaround in maskgit/model.py"
+REVISIT = "x-transformers changed: revisit docs/upstream.md defect {} and the workaround in maskgit/model.py"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread

@@ -13,9 +13,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import vqvae
-from vqvae.data import load_dataset
+from core.data import load_dataset
 from vqvae.metrics import psnr
-from vqvae.training import RunFolderError, verify_checkpoint
+from core.checkpoints import verify_checkpoint
+from core.runs import RunFolderError
 
 from conftest import REPO, launch_args, run_script, script_env
 
@@ -217,7 +218,7 @@ def test_two_processes(tiny_args, tmp_path):
 
 def test_processes_stay_in_sync(tmp_path):
     verdict_path = tmp_path / "verdict.json"
-    proc = run_script([*launch_args(2), "tests/dist_check.py", verdict_path])
+    proc = run_script([*launch_args(2), "tests/helpers/dist_check.py", verdict_path])
     assert_ok(proc)
     verdict = json.loads(verdict_path.read_text())
     assert verdict["num_processes"] == 2 and verdict["distributed_type"].endswith("MULTI_CPU")

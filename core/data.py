@@ -1,4 +1,4 @@
-"""Image datasets shared by both stages: CIFAR-10, a procedural `shapes` set, and image folders.
+"""Image datasets, for both stages and the FID export: CIFAR-10, a procedural `shapes` set, and image folders.
 
 Every dataset is held in memory as uint8 (the data sets this toolkit targets are small) and served
 as `(image float32 (3, S, S) in [-1, 1], label int)`, label -1 when unlabelled. Datasets are
@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from einops import rearrange
 from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor
@@ -25,6 +24,7 @@ from torchvision.datasets import CIFAR10
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FOLDER_VERSION = 1  # bump when folder preprocessing changes, so fingerprints (and caches keyed on them) change
+BUILTIN_DATASETS = ("cifar10", "shapes")  # names that win over folders of the same name
 SHAPES_VERSION = 2  # bump when the shapes generator changes
 SHAPES_CLASSES = [
     "circle", "square", "triangle", "cross", "ring",
@@ -85,7 +85,7 @@ def load_dataset(data: str, image_size: int, split: str = "train", root: str | N
 
 def dataset_fingerprint(data: str, image_size: int, root: str | None = None) -> str:
     """Short hex digest that changes when the dataset's content changes (files added/removed/modified, size, source)."""
-    h = hashlib.sha1(f"{data if data in ('cifar10', 'shapes') else 'folder'}|{image_size}".encode())
+    h = hashlib.sha1(f"{data if data in BUILTIN_DATASETS else 'folder'}|{image_size}".encode())
     if data == "shapes":
         h.update(f"|v{SHAPES_VERSION}|{sorted(SHAPES_SIZES.items())}".encode())
     elif data == "cifar10":
@@ -114,18 +114,6 @@ def random_hflip(images: Tensor, generator: torch.Generator) -> Tensor:
     flip = torch.rand(len(images), generator=generator, device=generator.device) < 0.5  # (b,)
     flip = flip.to(images.device)[:, None, None, None]
     return torch.where(flip, images.flip(-1), images)
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """[-1, 1] float (b, 3, H, W) -> uint8 (b, H, W, 3), rounded to nearest and clamped."""
-    x = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return rearrange(x, "b c h w -> b h w c")
-
-
-def save_image_grid(images: Tensor, path, nrow: int) -> None:
-    """Save a [-1, 1] (b, 3, H, W) batch as one PNG grid, `nrow` images per row, 2 px black padding."""
-    images = (images.detach().float().cpu() + 1) / 2
-    torchvision.utils.save_image(images.clamp(0, 1), path, nrow=nrow, padding=2)
 
 
 # ----------------------------------------------------------------------------- CIFAR-10

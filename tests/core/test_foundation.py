@@ -1,4 +1,4 @@
-"""The shared training layer: data order, checkpoints, run folders, CLI from dataclasses, small helpers."""
+"""The stage-neutral foundation (`core`): data order, checkpoints, run folders, CLI from dataclasses, helpers."""
 
 import argparse
 import json
@@ -18,12 +18,14 @@ from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
 from vqvae.config import VQConfig, VQTrainConfig
-from vqvae.training import (
-    CONFIG_NAME, MANIFEST_NAME, METRICS_NAME, Checkpoints, MetricsLog, RunFolderError, StepBatchSampler, TrainState,
-    add_config_args, apply_overrides, atomic_write_text, check_finite, config_from_dict, explicit_overrides,
-    load_weights, lr_schedule, make_accelerator, nonfinite_message, read_run_config, save_weights, step_generator,
-    verify_checkpoint, write_run_config,
-)
+from core.accel import make_accelerator
+from core.checkpoints import MANIFEST_NAME, Checkpoints, TrainState, verify_checkpoint
+from core.cli import ConfigError, add_config_args, apply_overrides, config_from_dict, explicit_overrides
+from core.metrics_log import MetricsLog
+from core.order import StepBatchSampler, step_generator
+from core.runs import (CONFIG_NAME, METRICS_NAME, RunFolderError, atomic_write_text, load_weights, read_run_config,
+                       save_weights, write_run_config)
+from core.train import check_finite, lr_schedule, make_ema, nonfinite_message
 
 
 # ----------------------------------------------------------------------------- StepBatchSampler
@@ -355,7 +357,7 @@ def test_run_config_round_trip_and_clear_errors(tmp_path):
 def test_config_from_dict_rejects_unknown_keys():
     data = asdict(VQTrainConfig())
     data["learning_rate"] = 1.0
-    with pytest.raises(RunFolderError, match="learning_rate"):
+    with pytest.raises(ConfigError, match="learning_rate"):
         config_from_dict(VQTrainConfig, data)
 
 
@@ -498,3 +500,20 @@ def test_make_accelerator_leaves_the_schedule_to_us(tmp_path):
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def test_ema_warmup_matches_its_closed_form():
+    # after the first update copies the weights (0), k updates towards 1 leave the initial share
+    # prod_{n=1..k} (1+n)/(10+n) = (k+1)! 10! / (k+10)! (telescoping), while that stays below `decay`
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = make_ema(model, 0.999)
+    ema.update_parameters(model)
+    torch.nn.init.ones_(model.weight)
+    k = 3
+    for _ in range(k):
+        ema.update_parameters(model)
+    initial_share = math.factorial(k + 1) * math.factorial(10) / math.factorial(k + 10)
+    assert ema.module.weight.item() == pytest.approx(1 - initial_share, rel=1e-6)
+    # 1.7% of the initial weights left, where a fixed decay of 0.999 would have kept 0.999**3 = 99.7%
+    assert initial_share == pytest.approx(24 / (11 * 12 * 13))

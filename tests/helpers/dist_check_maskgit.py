@@ -17,7 +17,7 @@ import torch
 
 from maskgit.config import MaskGITConfig
 from maskgit.model import build_maskgit
-from vqvae.training import make_accelerator
+from core.accel import make_accelerator
 
 CODEBOOK, GRID, CLASSES, BATCH = 16, (4, 4), 3, 4
 GENERATOR_STEPS, CRITIC_STEPS = 3, 2

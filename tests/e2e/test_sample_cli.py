@@ -1,6 +1,5 @@
 """sample.py end to end on tiny trained runs, and the editing helpers (maskgit/editing.py) it builds on."""
 
-import importlib.util
 import json
 import subprocess
 from dataclasses import fields
@@ -11,10 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, launch_args, run_script
+from conftest import launch_args, run_script
 from maskgit import MaskGITConfig, SamplerConfig, build_maskgit, load_maskgit, sample
+import maskgit.train
+import vqvae.train
+from core.runs import Run
+from maskgit import sample_cli as cli
 from maskgit.editing import box_mask, cell_pixels, image_mask, keep_mask, token_mask
-from vqvae.data import SHAPES_CLASSES, make_shapes, to_uint8
+from core.data import SHAPES_CLASSES, make_shapes
+from core.images import to_uint8
 
 SIZE, F = 16, 4  # training resolution and tokenizer factor of the tiny runs: 4x4 code grids
 VQ_ARGS = ["--image-size", SIZE, "--channels", 16, "--max-channels", 32, "--norm-groups", 8, "--num-res-blocks", 1,
@@ -25,15 +29,6 @@ MG_ARGS = ["--steps", 10, "--dim", 32, "--depth", 1, "--heads", 2, "--batch-size
 NUM, BATCH, STEPS = 23, 8, 4  # a last batch smaller than the others, and more batches than processes
 
 
-def load_script(name: str):
-    """A top-level script of the repo as a module, so its main(argv) runs in this process (no start-up cost)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = load_script("sample")
 
 
 def check(proc: subprocess.CompletedProcess) -> None:
@@ -53,8 +48,8 @@ def runs(tmp_path_factory) -> dict:
         folder = root / "data" / SHAPES_CLASSES[label]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
-    load_script("train_vq").main(["--data", str(root / "data"), "--out", str(root / "vq"), *map(str, VQ_ARGS)])
-    train_maskgit = load_script("train_maskgit")
+    vqvae.train.main(["--data", str(root / "data"), "--out", str(root / "vq"), *map(str, VQ_ARGS)])
+    train_maskgit = maskgit.train
     train_maskgit.main(["--vq", str(root / "vq"), "--out", str(root / "cond"), *map(str, MG_ARGS)])
     train_maskgit.main(["--vq", str(root / "vq"), "--out", str(root / "uncond"), *map(str, MG_ARGS),
                         "--class-cond", "false", "--critic", "self"])
@@ -352,13 +347,13 @@ def test_every_sampler_setting_has_a_flag(tmp_path):
              "cfg_schedule": ["--cfg-schedule", "linear"], "remask": ["--remask"]}
     assert set(flags) == {f.name for f in fields(SamplerConfig)}, "a SamplerConfig field has no sample.py flag"
     args = cli.parse_args(["--checkpoint", "x", "--out", "y", *sum(flags.values(), [])])
-    got = cli.sampler_config(args, {"model": {"schedule": "cosine"}})
+    got = cli.sampler_config(args, Run(Path("x"), {"stage": "maskgit", "model": {"schedule": "cosine"}}))
     base = SamplerConfig()
     for name in flags:
         assert getattr(got, name) != getattr(base, name), name
     assert got.strategy == "critic" and got.temperature_end == 0.2 and got.top_k == 5
     default = cli.sampler_config(cli.parse_args(["--checkpoint", "x", "--out", "y", "--temperature", "0.5"]),
-                                 {"model": {"schedule": "arccos"}})
+                                 Run(Path("x"), {"stage": "maskgit", "model": {"schedule": "arccos"}}))
     assert default.temperature_end == 0.5 and default.schedule == "arccos"  # constant; the model's schedule
 
 

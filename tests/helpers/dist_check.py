@@ -14,7 +14,8 @@ import torch
 
 from vqvae.config import VQConfig
 from vqvae.model import VQVAE
-from vqvae.training import StepBatchSampler, make_accelerator
+from core.accel import make_accelerator
+from core.order import StepBatchSampler
 
 STEPS = 3
 

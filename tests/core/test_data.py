@@ -1,6 +1,5 @@
 """Datasets: image folders (formats, modes, corrupt files, labels, split), shapes, CIFAR-10, export."""
 
-import importlib.util
 import os
 import pickle
 import subprocess
@@ -14,10 +13,11 @@ import torch
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
-from vqvae.data import (SHAPES_CLASSES, ImageDataset, ShapesDataset, dataset_fingerprint, load_dataset,
-                        make_shapes, random_hflip, save_image_grid, to_uint8)
+from core.data import (SHAPES_CLASSES, ImageDataset, ShapesDataset, dataset_fingerprint, load_dataset,
+                        make_shapes, random_hflip)
+from core.images import save_image_grid, to_uint8
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 S = 8  # image size for folder tests: small keeps them fast
 
 
@@ -435,9 +435,8 @@ def test_export_dataset_cli(tmp_path):
         assert np.array_equal(npz["arr_0"][i], ds.images[i].permute(1, 2, 0).numpy())
 
     # a second export into the same folder would mix two sets of references: refused unless asked
-    spec = importlib.util.spec_from_file_location("export_dataset", REPO / "export_dataset.py")
-    export = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(export)
+    from core import export_cli as export
+
     with pytest.raises(SystemExit, match="--overwrite"):
         export.main(cmd[2:])
     export.main(cmd[2:-1] + ["5", "--overwrite"])

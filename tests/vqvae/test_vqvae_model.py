@@ -17,7 +17,7 @@ from vqvae.config import VQ_PRESETS, VQConfig, VQTrainConfig
 from vqvae.metrics import codebook_stats, psnr
 from vqvae.model import VQVAE, build_quantizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
@@ -220,7 +220,7 @@ def test_codebook_stats_against_hand_computed_histograms():
 
 
 # ----------------------------------------------------------------------------------------------
-# vector-quantize-pytorch behaviour we rely on (see UPSTREAM.md); an upstream change should fail here
+# vector-quantize-pytorch behaviour we rely on (see docs/upstream.md); an upstream change should fail here
 
 
 def test_upstream_vector_quantize_contract():

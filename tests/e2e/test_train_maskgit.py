@@ -2,7 +2,6 @@
 errors, two processes (weights in sync, critic-only phases under DDP)."""
 
 import json
-import math
 import os
 import re
 import shutil
@@ -18,8 +17,9 @@ from safetensors.torch import load_file
 
 import maskgit
 import vqvae
-from vqvae.data import load_dataset
-from vqvae.training import RunFolderError, verify_checkpoint
+from core.data import load_dataset
+from core.checkpoints import verify_checkpoint
+from core.runs import RunFolderError
 
 from conftest import REPO, launch_args, run_script, script_env
 
@@ -110,7 +110,8 @@ def assert_logged_eval_reproduces(run, record, tiny_labelled_images, processes: 
 
 def assert_generates(run, labels):
     """The run folder alone rebuilds model and tokenizer; a 4-step sample gives valid codes that decode."""
-    model, tokenizer, config = maskgit.load_maskgit(run)
+    model, tokenizer, loaded = maskgit.load_maskgit(run)
+    config = loaded.config
     codes = model.generate(labels=labels, steps=4, generator=torch.Generator().manual_seed(0))
     count = len(labels)
     assert codes.shape == (count, 16) and codes.dtype == torch.int64
@@ -402,7 +403,7 @@ def test_two_processes_critic_phase(mg_args, tmp_path):
 
 def test_processes_stay_in_sync(tmp_path):
     verdict_path = tmp_path / "verdict.json"
-    assert_ok(run_with_timeout([*launch_args(2), "tests/dist_check_maskgit.py", verdict_path], timeout=300))
+    assert_ok(run_with_timeout([*launch_args(2), "tests/helpers/dist_check_maskgit.py", verdict_path], timeout=300))
     verdict = json.loads(verdict_path.read_text())
     assert verdict["num_processes"] == 2 and verdict["distributed_type"].endswith("MULTI_CPU")
     assert verdict["data_differs"] and verdict["params_moved"]
@@ -410,22 +411,3 @@ def test_processes_stay_in_sync(tmp_path):
     assert not verdict["control_params_equal"]  # without DDP the copies drift apart: the check can fail
     assert verdict["critic_phase_changed"] == ["critic_head.bias", "critic_head.weight"]
     assert verdict["generator_phase_changed"] == verdict["generator_params"]
-
-
-def test_ema_warmup_matches_its_closed_form(train_maskgit_module):
-    # after the first update copies the weights (0), k updates towards 1 leave the initial share
-    # prod_{n=1..k} (1+n)/(10+n) = (k+1)! 10! / (k+10)! (telescoping), while that stays below `decay`
-    from torch.optim.swa_utils import AveragedModel
-
-    model = torch.nn.Linear(1, 1, bias=False)
-    torch.nn.init.zeros_(model.weight)
-    ema = AveragedModel(model, multi_avg_fn=train_maskgit_module.ema_with_warmup(0.999), use_buffers=True)
-    ema.update_parameters(model)
-    torch.nn.init.ones_(model.weight)
-    k = 3
-    for _ in range(k):
-        ema.update_parameters(model)
-    initial_share = math.factorial(k + 1) * math.factorial(10) / math.factorial(k + 10)
-    assert ema.module.weight.item() == pytest.approx(1 - initial_share, rel=1e-6)
-    # 1.7% of the initial weights left, where a fixed decay of 0.999 would have kept 0.999**3 = 99.7%
-    assert initial_share == pytest.approx(24 / (11 * 12 * 13))

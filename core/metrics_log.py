@@ -1,0 +1,67 @@
+"""Metrics: one JSON line per evaluation in RUN_DIR/metrics.jsonl, forwarded to accelerate's trackers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .runs import METRICS_NAME, atomic_write_text
+
+
+class MetricsLog:
+    """Appends one JSON object per call to RUN_DIR/metrics.jsonl and forwards it to accelerate's trackers."""
+
+    def __init__(self, run_dir, accelerator):
+        self.path = Path(run_dir) / METRICS_NAME
+        self.accelerator = accelerator
+
+    def drop_after(self, step: int) -> None:
+        """Forget records past `step`: a resumed run rewrites them (main process only)."""
+        if not self.accelerator.is_main_process or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        record = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+        # strict JSON has no NaN/inf: a non-finite value is written as null
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k != "step"}
+        self.accelerator.log(scalars, step=record.get("step"))
+
+
+def flat_hparams(**sections) -> dict:
+    """Config sections flattened to scalars for TensorBoard's hparams view."""
+    out = {}
+    for name, section in sections.items():
+        values = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
+        for key, value in values.items():
+            out[f"{name}/{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+class Throughput:
+    """Images per second over the last log interval, and wall time since the start."""
+
+    def __init__(self):
+        self.start = self.mark = time.perf_counter()
+        self.images = 0
+
+    def add(self, images: int) -> None:
+        self.images += images
+
+    def read(self) -> dict:
+        now = time.perf_counter()
+        rate = self.images / max(now - self.mark, 1e-9)
+        self.mark, self.images = now, 0
+        return {"images_per_s": rate, "wall_time_s": now - self.start}
