@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from vector_quantize_pytorch import FSQ, VectorQuantize
+from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 
 from .config import VQConfig
 
@@ -105,6 +105,19 @@ def build_quantizer(cfg: VQConfig, sync_codebook: bool) -> nn.Module:
             orthogonal_rotation=False,
             return_indices=True,
         )
+    if cfg.quantizer == "lfq":
+        return LFQ(
+            dim=cfg.quantizer_dim,          # == log2(codebook_size): no upstream projections
+            codebook_size=cfg.codebook_size,
+            entropy_loss_weight=cfg.entropy_weight,
+            commitment_loss_weight=cfg.commitment_weight,
+            diversity_gamma=1.0,
+            num_codebooks=1,
+            channel_first=False,            # we always feed (b, h*w, d)
+            has_projections=False,
+            spherical=False,
+            force_quantization_f32=True,
+        )
     return VectorQuantize(
         dim=cfg.quantizer_dim,
         codebook_size=cfg.codebook_size,
@@ -115,7 +128,8 @@ def build_quantizer(cfg: VQConfig, sync_codebook: bool) -> nn.Module:
         kmeans_init=True,                   # seeds the codebook from the first training batch
         kmeans_iters=cfg.kmeans_iters,
         threshold_ema_dead_code=cfg.dead_code_threshold,
-        use_cosine_sim=False,
+        use_cosine_sim=cfg.codebook_l2_norm,  # l2-normalised codes and latents (LlamaGen, ViT-VQGAN)
+        codebook_diversity_loss_weight=cfg.entropy_weight,
         rotation_trick=cfg.rotation_trick,
         straight_through=False,
         stochastic_sample_codes=False,      # argmax code assignment, also in training
@@ -129,7 +143,7 @@ def build_quantizer(cfg: VQConfig, sync_codebook: bool) -> nn.Module:
 
 
 class VQVAE(nn.Module):
-    """Convolutional VQ-VAE tokenizer with a VectorQuantize (EMA, k-means init) or FSQ bottleneck.
+    """Convolutional VQ-VAE tokenizer with a VectorQuantize (EMA, k-means init), FSQ or LFQ bottleneck.
 
     Construct it after `Accelerator()` (or `init_process_group`): whether the codebook statistics are
     all-reduced across processes is decided here, at construction, from the live process group
@@ -156,6 +170,11 @@ class VQVAE(nn.Module):
     def codebook_size(self) -> int:
         return self.cfg.effective_codebook_size
 
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the decoder's output conv: where the adaptive GAN weight compares gradient norms."""
+        return self.decoder.net[-1].weight
+
     def _quantize(self, z, update_codebook: bool):
         """Latents (b, d, h, w) -> quantized latents (b, d, h, w), codes (b, h, w) int64, quantizer loss."""
         h, w = z.shape[-2:]
@@ -163,6 +182,8 @@ class VQVAE(nn.Module):
         if self.cfg.quantizer == "fsq":
             quantized, codes = self.quantizer(z)
             loss = z.new_zeros(())  # FSQ needs no auxiliary loss
+        elif self.cfg.quantizer == "lfq":
+            quantized, codes, loss = self.quantizer(z)  # the entropy loss is only computed in training mode
         else:
             # freeze_codebook keeps the EMA statistics and dead-code counts untouched
             quantized, codes, loss = self.quantizer(z, freeze_codebook=not update_codebook)
@@ -181,7 +202,7 @@ class VQVAE(nn.Module):
         """Codes (b, h, w) int64 -> images (b, 3, h*f, w*f), roughly in [-1, 1]."""
         h, w = codes.shape[-2:]
         flat = rearrange(codes, "b h w -> b (h w)")
-        if self.cfg.quantizer == "fsq":
+        if self.cfg.quantizer in ("fsq", "lfq"):
             quantized = self.quantizer.indices_to_codes(flat)  # (b, h*w, d)
         else:
             quantized = self.quantizer.get_output_from_indices(flat)  # (b, h*w, d)
