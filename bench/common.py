@@ -1,7 +1,7 @@
 """Shared pieces of the benchmark scripts: machine description, timing, autocast, Markdown tables.
 
-The scripts live in bench/ and are run from the repository root (`python bench/sample_speed.py`); importing this
-module also puts the root on sys.path so that they can reuse the training scripts' optimizer builders.
+The scripts live in bench/ and are run from the repository root (`python bench/sample_speed.py`): Python puts
+bench/ on sys.path itself, so they import this module as `common`; the toolkit's packages are pip-installed.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -19,9 +18,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # where the scripts that the benchmarks run as subprocesses live
 
 
 def cpu_model() -> str:

@@ -9,19 +9,18 @@
 (A) `train_vq.py --preset tiny`: held-out PSNR >= 25 dB and codebook usage >= 50% at the run's last evaluation,
 within 3 CPU-minutes.
 (B) `train_maskgit.py --preset tiny` (class-conditional) on that tokenizer, then `sample.py` at 8 steps, balanced
-over the classes: >= 90% of the samples recognised as the class they were asked for by a classifier trained on
-real images only (digits: an RBF SVM on 8x8 greyscale; anything else: a small CNN), with both stages, encoding
-and sampling together within 10 CPU-minutes.
+over the classes: >= 90% of the samples recognised as the class they were asked for by the judge of
+bench/judge.py (a CNN trained on the real training images only, at their own resolution, without mirror images),
+with both stages, encoding and sampling together within 10 CPU-minutes.
 
 CPU time is the user+sys time of the child processes (getrusage), the fair figure on a shared machine; wall time
 is printed too. The children run with --threads intra-op threads (default 1): on a busy machine extra threads
 spin while they wait for each other, which costs CPU time without saving wall time.
 
-Both stages train on horizontally mirrored copies as well as the originals, so a sample may come out mirrored
-(a mirrored 3 is a fair sample of that training distribution). The classifier that decides the target is
-therefore trained on the real training images and their mirror images; its accuracy on real held-out images,
-as they are and mirrored, is printed. A strict figure beside it comes from a second classifier trained on the
-originals only, which counts mirrored samples of asymmetric classes as wrong.
+The judge (docs/judges.md) also reports the worst class, a Frechet distance in its features with the real-vs-real
+floor beside it, precision and recall (k-NN manifolds) with their floors, and the class accuracy of a differently
+built cross-check (an RBF SVM on 8x8 pixels). Both stages train on horizontally mirrored copies as well as the
+originals, but the judge does not: a mirrored 3 is not a 3, and a sample that comes out mirrored counts as wrong.
 
 Everything lands in --work (default: a new temporary folder): digits/, logs/, vq/, maskgit/, samples_cfg*/.
 The run folders vq/, maskgit/ and samples_cfg*/ there are replaced on every run.
@@ -41,15 +40,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from common import REPO, cpu_model, fmt, markdown_table, usable_cores, verdict
-from vqvae.data import load_dataset
+from judge import Judge, binomial_std, load_real
 
 TARGET_PSNR, TARGET_USAGE, TARGET_VQ_CPU_S = 25.0, 0.5, 180.0
 TARGET_ACCURACY, TARGET_TOTAL_CPU_S = 0.9, 600.0
@@ -57,6 +52,7 @@ SAMPLE_STEPS = 8
 QUICK_VQ = ["--steps", "20", "--eval-every", "10", "--save-every", "20", "--warmup-steps", "5"]
 QUICK_MG = ["--steps", "20", "--eval-every", "10", "--sample-every", "20", "--save-every", "20",
             "--warmup-steps", "5"]
+QUICK_JUDGE_STEPS = 30  # --quick: a judge that runs, not one that judges well
 
 
 def parse_args(argv=None):
@@ -69,9 +65,9 @@ def parse_args(argv=None):
                    help="OMP/MKL threads of the training and sampling processes (0: leave them unset)")
     p.add_argument("--per-class", type=int, default=50, help="samples per class")
     p.add_argument("--cfg", type=float, nargs="+", default=[0.0, 3.0], help="guidance scales to sample with")
-    p.add_argument("--classifier", choices=("auto", "svm", "cnn"), default="auto",
-                   help="svm: RBF SVM on 8x8 greyscale (digits); cnn: a small CNN on the pixels; auto: svm for "
-                        "digits, cnn otherwise")
+    p.add_argument("--judge-steps", type=int, default=None,
+                   help="updates of the judge's CNN (batches of 128; default: judge.DEFAULT_STEPS)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the judge")
     p.add_argument("--vq-args", default="", help="extra train_vq.py arguments (preset overrides), one string")
     p.add_argument("--mg-args", default="", help="extra train_maskgit.py arguments (preset overrides), one string")
     p.add_argument("--sample-args", default="", help="extra sample.py arguments, one string")
@@ -119,98 +115,6 @@ def prepare_data(data: str, work: Path, child: Child) -> str:
     return str(folder)
 
 
-# ----------------------------------------------------------------------------- classifiers on real images
-
-def as_tensor(dataset) -> tuple[torch.Tensor, np.ndarray]:
-    """All images (n, 3, S, S) in [-1, 1] and labels (n,) of a dataset."""
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    return images, dataset.labels.numpy()
-
-
-def uint8_to_images(pixels: np.ndarray) -> torch.Tensor:
-    """sample.py's uint8 (n, H, W, 3) -> float (n, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-class SVMClassifier:
-    """RBF SVM on greyscale images area-averaged to 8x8, ink 0..16 (the resolution of the original digit scans)."""
-
-    name = "RBF SVM on 8x8 greyscale (scikit-learn)"
-
-    def __init__(self):
-        from sklearn.svm import SVC
-
-        self.svm = SVC(C=10.0, gamma="scale")
-
-    @staticmethod
-    def features(images: torch.Tensor) -> np.ndarray:
-        grey = images.mean(1, keepdim=True)  # (n, 1, H, W)
-        small = F.adaptive_avg_pool2d(grey, 8)  # (n, 1, 8, 8)
-        return ((small + 1) * 8).flatten(1).numpy()  # (n, 64) in [0, 16]
-
-    def fit(self, images: torch.Tensor, labels: np.ndarray) -> None:
-        self.svm.fit(self.features(images), labels)
-
-    def predict(self, images: torch.Tensor) -> np.ndarray:
-        return self.svm.predict(self.features(images))
-
-
-class CNNClassifier:
-    """A small conv net (three conv-BN-ReLU blocks, global average pool) trained with AdamW for a few epochs."""
-
-    name = "small CNN (3 conv blocks, torch)"
-
-    def __init__(self, num_classes: int, epochs: int = 4, width: int = 24, seed: int = 0):
-        torch.manual_seed(seed)
-
-        def block(cin, cout):
-            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-
-        self.net = nn.Sequential(*block(3, width), nn.MaxPool2d(2), *block(width, 2 * width), nn.MaxPool2d(2),
-                                 *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                 nn.Linear(4 * width, num_classes))
-        self.epochs, self.seed = epochs, seed
-
-    def fit(self, images: torch.Tensor, labels: np.ndarray, batch_size: int = 128) -> None:
-        labels = torch.from_numpy(labels)
-        steps = self.epochs * -(-len(images) // batch_size)
-        opt = torch.optim.AdamW(self.net.parameters(), lr=3e-3, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-        gen = torch.Generator().manual_seed(self.seed)
-        self.net.train()
-        for _ in range(self.epochs):
-            for idx in torch.randperm(len(images), generator=gen).split(batch_size):
-                loss = F.cross_entropy(self.net(images[idx]), labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-        self.net.eval()
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> np.ndarray:
-        return torch.cat([self.net(chunk).argmax(-1) for chunk in images.split(512)]).numpy()
-
-
-def train_classifier(kind: str, data: str, image_size: int, mirrors: bool) -> tuple[object, dict]:
-    """A classifier fit on the real training split (plus its mirror images if `mirrors`), and its held-out accuracy
-    on the real held-out split as is and mirrored."""
-    train_x, train_y = as_tensor(load_dataset(data, image_size, "train"))
-    test_x, test_y = as_tensor(load_dataset(data, image_size, "test"))
-    if train_y.min() < 0:
-        raise SystemExit(f"error: {data} is unlabelled: the class-conditional check needs class subfolders")
-    num_classes = int(train_y.max()) + 1
-    if mirrors:
-        train_x, train_y = torch.cat([train_x, train_x.flip(-1)]), np.concatenate([train_y, train_y])
-    start = time.process_time()
-    classifier = SVMClassifier() if kind == "svm" else CNNClassifier(num_classes)
-    classifier.fit(train_x, train_y)
-    return classifier, {"name": classifier.name, "num_classes": num_classes, "train": len(train_y),
-                        "test": len(test_y), "acc": float((classifier.predict(test_x) == test_y).mean()),
-                        "acc_mirrored": float((classifier.predict(test_x.flip(-1)) == test_y).mean()),
-                        "cpu_s": time.process_time() - start}
-
-
 # ----------------------------------------------------------------------------- the run
 
 def main(argv=None) -> None:
@@ -253,24 +157,24 @@ def main(argv=None) -> None:
         with np.load(out / "samples.npz") as npz:
             sampled.append((w, wall, cpu, npz["arr_0"], npz["labels"]))
 
-    kind = args.classifier if args.classifier != "auto" else ("svm" if args.data == "digits" else "cnn")
-    print(f"classifiers ({kind}) on real images", flush=True)
-    classifier, clf = train_classifier(kind, data, image_size, mirrors=True)
-    strict, strict_clf = train_classifier(kind, data, image_size, mirrors=False)
-    clf["strict_acc"] = strict_clf["acc"]
-    rows = []
-    for w, wall, cpu, pixels, labels in sampled:
-        images = uint8_to_images(pixels)
-        predicted = classifier.predict(images)
-        per_class_acc = [float((predicted[labels == c] == c).mean()) for c in range(num_classes)]
-        rows.append({"cfg": w, "wall": wall, "cpu": cpu, "acc": float((predicted == labels).mean()),
-                     "acc_strict": float((strict.predict(images) == labels).mean()),
-                     "worst_class": min(per_class_acc), "n": len(labels)})
+    print("judge: a CNN and an SVM on the real images", flush=True)
+    try:
+        train_x, train_y = load_real(data, image_size, "train", mg_run["data"].get("data_root"))
+        test_x, test_y = load_real(data, image_size, "test", mg_run["data"].get("data_root"))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {err}")
+    judge = Judge.fit(train_x, train_y, test_x, test_y, seed=args.seed,
+                      steps=args.judge_steps or (QUICK_JUDGE_STEPS if args.quick else None))
+    rows = [{"cfg": w, "wall": wall, "cpu": cpu, **judge.score(pixels, labels)}
+            for w, wall, cpu, pixels, labels in sampled]
+    classes = mg_run.get("classes") or [str(c) for c in range(num_classes)]
+    for r in rows:
+        r["worst_name"] = classes[r["worst_class_index"]]
 
-    report(args, work, data, vq_metrics, vq_wall, vq_cpu, mg_last, mg_wall, mg_cpu, clf, rows)
+    report(args, work, data, vq_metrics, vq_wall, vq_cpu, mg_last, mg_wall, mg_cpu, judge, rows)
 
 
-def report(args, work, data, vq_metrics, vq_wall, vq_cpu, mg_last, mg_wall, mg_cpu, clf, rows) -> None:
+def report(args, work, data, vq_metrics, vq_wall, vq_cpu, mg_last, mg_wall, mg_cpu, judge, rows) -> None:
     vq_last = vq_metrics[-1]
     threads = args.threads if args.threads > 0 else "default"
     print(f"\n## Learning check: --data {args.data}{' (quick: no targets)' if args.quick else ''}\n")
@@ -288,15 +192,23 @@ def report(args, work, data, vq_metrics, vq_wall, vq_cpu, mg_last, mg_wall, mg_c
     print(f"stage 2 (encoding + training): {mg_wall:.0f} s wall, {mg_cpu:.0f} s CPU; held-out masked accuracy "
           f"{mg_last.get('eval_masked_acc', float('nan')):.3f}, masked loss {mg_last.get('eval_loss', float('nan')):.3f} "
           f"at step {mg_last['step']}\n")
-    print(f"classifier: {clf['name']}, trained on {clf['train']} real images (half of them mirrored; "
-          f"{clf['cpu_s']:.0f} s CPU); held-out real accuracy {clf['acc']:.1%} as is, {clf['acc_mirrored']:.1%} "
-          f"mirrored ({clf['test']} images, {clf['num_classes']} classes). Strict classifier (originals only): "
-          f"{clf['strict_acc']:.1%} held-out\n")
+    n = rows[0]["n"] if rows else 0
+    floor = judge.floor(n)
+    print(f"judge (bench/judge.py): {judge.describe()}\n")
     print(markdown_table(
-        ["cfg", "samples", "recognised", "recognised (strict)", "worst class", "sampling CPU (s)",
-         "sampling wall (s)", "total CPU, both stages + sampling (s)"],
-        [[fmt(r["cfg"]), r["n"], f"{r['acc']:.1%}", f"{r['acc_strict']:.1%}", f"{r['worst_class']:.0%}",
-          fmt(r["cpu"]), fmt(r["wall"]), fmt(vq_cpu + mg_cpu + r["cpu"])] for r in rows]))
+        ["cfg", "samples", f"recognised (ceiling {judge.ceiling:.1%})", "worst class",
+         f"cross-check (ceiling {judge.cross_check_ceiling:.1%})", f"FD (floor {fmt(floor['fd'])})",
+         f"precision (floor {floor['precision']:.2f})", f"recall (floor {floor['recall']:.2f})",
+         "sampling CPU (s)", "sampling wall (s)", "total CPU, both stages + sampling (s)"],
+        [[fmt(r["cfg"]), r["n"], f"{r['accuracy']:.1%} ± {binomial_std(r['accuracy'], r['n']):.1%}",
+          f"{r['worst_class']:.0%} ({r['worst_name']})", f"{r['cross_check_accuracy']:.1%}",
+          fmt(r["fd"]), f"{r['precision']:.2f}", f"{r['recall']:.2f}", fmt(r["cpu"]), fmt(r["wall"]),
+          fmt(vq_cpu + mg_cpu + r["cpu"])] for r in rows]))
+    print(f"\nRecognised: share of samples the judge's CNN assigns to the class they were asked for (± binomial "
+          f"std); its ceiling is its accuracy on the real held-out images. FD: Frechet distance of its features of "
+          f"the samples to those of the {judge.info['held_out']} real held-out images; precision / recall: k-NN "
+          f"manifolds (k=3) in the same features. Floors: {min(n, judge.info['train'])} real training images "
+          f"scored the same way.")
     if args.quick:
         print("\n(quick run: step counts too small for the targets; none checked)")
         return
@@ -310,7 +222,9 @@ def report(args, work, data, vq_metrics, vq_wall, vq_cpu, mg_last, mg_wall, mg_c
     for r in rows:
         total = vq_cpu + mg_cpu + r["cpu"]
         print(verdict(f"cfg {r['cfg']:g}: >= {TARGET_ACCURACY:.0%} of samples recognised as their class",
-                      r["acc"] >= TARGET_ACCURACY, f"{r['acc']:.1%} ({r['acc_strict']:.1%} strict)"))
+                      r["accuracy"] >= TARGET_ACCURACY,
+                      f"{r['accuracy']:.1%} (cross-check {r['cross_check_accuracy']:.1%}; worst class "
+                      f"{r['worst_class']:.0%}; FD {fmt(r['fd'])}, floor {fmt(r['fd_floor'])})"))
         print(verdict(f"cfg {r['cfg']:g}: both stages + sampling within {TARGET_TOTAL_CPU_S / 60:g} CPU-minutes",
                       total <= TARGET_TOTAL_CPU_S, f"{total:.0f} s CPU"))
 

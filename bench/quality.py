@@ -4,12 +4,15 @@
     python bench/quality.py --vq runs/vq --maskgit runs/maskgit  # score runs trained with --critic self
     python bench/quality.py --quick                              # seconds: untrained models, a smoke test
 
-The judge is independent of the generator: a small CNN trained on the real training images of the run's dataset
-(labelled; `shapes` by default). For class-conditional samples of every setting it reports the class accuracy
-(the classifier agrees with the requested label) and a Frechet distance between the classifier's penultimate
-features of the samples and of the real held-out images (FID's formula in a small, dataset-specific feature
-space). Reference rows give the floor: real training images, and the tokenizer's reconstructions of held-out
-images (no generator can beat its decoder). The spread after FD is a bootstrap over the samples.
+The judge (bench/judge.py, docs/judges.md) is independent of the generator: a small CNN trained on the real
+training images of the run's dataset (labelled; `shapes` by default) at their own resolution, without mirror images.
+For the class-conditional samples of every setting it reports the class accuracy (the CNN agrees with the requested
+label; its accuracy on real held-out images is the ceiling), the worst class, the class accuracy of a differently
+built cross-check (an RBF SVM on 8x8 pixels), a Frechet distance (FD) between the CNN's penultimate features of
+the samples and of the real held-out images, and precision and recall with k-NN manifolds in those features.
+Column headers carry the ceiling and the real-vs-real floors (as many real training images as samples). The
+reference row of the tokenizer's reconstructions (of as many real training images) shows what no generator on
+this tokenizer can beat. The spread after FD is a bootstrap over the samples.
 
 Settings vary one thing at a time around confidence / cosine / no guidance: steps x schedule (the MaskGIT paper's
 cosine-vs-linear claim), steps x sampler, and guidance x sampler at 8 steps (`--full` crosses everything).
@@ -27,17 +30,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from common import REPO, autocast, fmt, machine_line, markdown_table, pick_device
+from judge import Judge, load_real
 
 BASE = dict(strategy="confidence", schedule="cosine", cfg=0.0)
 FEW_STEPS = 8  # "few steps" for the cosine-vs-linear verdict: every swept step count up to this
+QUICK_JUDGE_STEPS = 30  # --quick: a judge that runs, not one that judges well
 
 
 def parse_args(argv=None):
@@ -55,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, nargs="+", default=[0.0, 1.0, 3.0], help="guidance scales")
     p.add_argument("--full", action="store_true", help="every combination instead of one factor at a time")
     p.add_argument("--batch", type=int, default=250, help="samples per generate() call")
-    p.add_argument("--clf-epochs", type=int, default=2, help="classifier training epochs over the real train split")
+    p.add_argument("--judge-steps", type=int, default=None,
+                   help="updates of the judge's CNN (batches of 128; default: judge.DEFAULT_STEPS)")
     p.add_argument("--bootstrap", type=int, default=50, help="bootstrap resamples for the FD spread (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the classifier and of every setting's draws")
     p.add_argument("--raw", action="store_true", help="use the raw weights rather than the EMA")
@@ -65,6 +67,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.num, args.batch, args.steps, args.bootstrap = 20, 20, [4, 8], 10
+        args.judge_steps = args.judge_steps or QUICK_JUDGE_STEPS
         args.untrained = args.untrained or not (args.maskgit or args.train)
     if not (args.maskgit or args.train or args.untrained):
         p.error("give --maskgit RUN_DIR (and optionally --vq), --train, or --untrained")
@@ -100,7 +103,7 @@ def untrained_models(device, quick: bool):
     from maskgit.config import MASKGIT_PRESETS
     from maskgit.model import build_maskgit
     from vqvae.config import VQ_PRESETS
-    from vqvae.data import SHAPES_CLASSES, make_shapes
+    from core.data import SHAPES_CLASSES, make_shapes
     from vqvae.model import VQVAE
 
     torch.manual_seed(0)
@@ -128,109 +131,6 @@ def trained_models(args, device):
     if model.num_classes == 0:
         raise SystemExit("error: the MaskGIT run is unconditional: class accuracy needs a class-conditional model")
     return model, vq, config["data"], list(config["classes"])
-
-
-# ----------------------------------------------------------------------------- the judge
-
-class Classifier(nn.Module):
-    """Small CNN: images (b, 3, S, S) in [-1, 1] -> penultimate features (b, feat) -> class logits (b, classes)."""
-
-    def __init__(self, num_classes: int, width: int = 32, feat: int = 64):
-        super().__init__()
-
-        def block(c_in, c_out):  # conv, norm, ReLU, halve the resolution
-            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
-
-        self.features = nn.Sequential(
-            *block(3, width), *block(width, 2 * width), *block(2 * width, 4 * width),
-            nn.Conv2d(4 * width, 4 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(4 * width, feat),  # the Frechet distance uses these, before the ReLU: no dead (constant) features
-        )
-        self.head = nn.Sequential(nn.ReLU(), nn.Linear(feat, num_classes))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def real_split(data: dict, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real images (n, 3, S, S) in [-1, 1] and labels of a split, the first `limit` of them if given."""
-    from vqvae.data import ShapesDataset, load_dataset
-
-    size = data["image_size"]
-    if data["data"] == "shapes" and limit:
-        dataset = ShapesDataset(size, split, num_images=limit)  # generates only what is asked for
-    else:
-        dataset = load_dataset(data["data"], size, split, root=data.get("data_root"))
-    count = min(limit or len(dataset), len(dataset))
-    if dataset.images.shape[-1] == size:
-        images = dataset.images[:count].float() / 127.5 - 1
-    else:
-        images = torch.stack([dataset[i][0] for i in range(count)])
-    labels = dataset.labels[:count]
-    if (labels < 0).any():
-        raise SystemExit(f"error: {data['data']} is unlabelled: class accuracy needs labels")
-    return images, labels
-
-
-def train_classifier(images, labels, num_classes: int, epochs: int, device, seed: int) -> Classifier:
-    """AdamW with a one-cycle learning rate and random horizontal flips, batches of 128."""
-    torch.manual_seed(seed)
-    clf = Classifier(num_classes).to(device)
-    batches = math.ceil(len(images) / 128)
-    opt = torch.optim.AdamW(clf.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * batches)
-    gen = torch.Generator().manual_seed(seed)
-    clf.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=gen)
-        for idx in order.split(128):
-            x = images[idx]
-            x = torch.where(torch.rand(len(x), 1, 1, 1, generator=gen) < 0.5, x.flip(-1), x).to(device)
-            loss = F.cross_entropy(clf(x), labels[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return clf.eval()
-
-
-@torch.inference_mode()
-def judge(clf: Classifier, images: torch.Tensor, device) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted classes (n,) and float64 penultimate features (n, feat) of images in [-1, 1]."""
-    preds, feats = [], []
-    for chunk in images.split(500):
-        f = clf.features(chunk.to(device).float())
-        preds.append(clf.head(f).argmax(-1).cpu())
-        feats.append(f.double().cpu())
-    return torch.cat(preds).numpy(), torch.cat(feats).numpy()
-
-
-def gaussian(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return feats.mean(0), np.cov(feats, rowvar=False)
-
-
-def frechet(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), as in FID.
-
-    S_a S_b is similar to the symmetric PSD matrix S_a^(1/2) S_b S_a^(1/2), so the trace of its square root is the
-    sum of the square roots of that matrix's eigenvalues: two `eigh` calls, exact, and much faster than a general
-    matrix square root (scipy.linalg.sqrtm), which the tests compare against."""
-    (mu_a, s_a), (mu_b, s_b) = a, b
-    lam, vec = np.linalg.eigh(s_a)
-    root_a = (vec * np.sqrt(lam.clip(min=0))) @ vec.T  # S_a^(1/2)
-    middle = root_a @ s_b @ root_a
-    tr_covmean = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(min=0)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_covmean)
-
-
-def fd_with_spread(feats: np.ndarray, real: tuple, resamples: int, seed: int) -> tuple[float, float]:
-    """Frechet distance of feats to the real Gaussian and its bootstrap standard deviation over the samples."""
-    fd = frechet(gaussian(feats), real)
-    if resamples < 2:
-        return fd, float("nan")
-    rng = np.random.default_rng(seed)  # a local generator: never numpy's global one
-    boot = [frechet(gaussian(feats[rng.integers(0, len(feats), len(feats))]), real) for _ in range(resamples)]
-    return fd, float(np.std(boot))
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -305,28 +205,22 @@ def main(argv=None):
 
     small = 400 if args.quick else None
     t0 = time.perf_counter()
-    train_x, train_y = real_split(data, "train", small)
-    test_x, test_y = real_split(data, "test", 100 if args.quick else None)
+    try:
+        train_x, train_y = load_real(data["data"], data["image_size"], "train", data.get("data_root"), small, args.seed)
+        test_x, test_y = load_real(data["data"], data["image_size"], "test", data.get("data_root"),
+                                   100 if args.quick else None, args.seed)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {err}")
     print(f"training the judge on {len(train_x)} real images", file=sys.stderr, flush=True)
-    clf = train_classifier(train_x, train_y, num_classes, 1 if args.quick else args.clf_epochs, device, args.seed)
-    clf_seconds = time.perf_counter() - t0
-    test_pred, test_feats = judge(clf, test_x, device)
-    real = gaussian(test_feats)
-    held_out_acc = float((test_pred == test_y.numpy()).mean())
+    judge = Judge.fit(train_x, train_y, test_x, test_y, seed=args.seed, steps=args.judge_steps, device=device)
+    judge_seconds = time.perf_counter() - t0
 
-    # floors: real training images (same count as the samples) and the tokenizer's reconstructions
-    n_ref = min(args.num, len(train_x))
-    ref_rows = []
-    pred, feats = judge(clf, train_x[:n_ref], device)
-    ref_rows.append(("real train images", n_ref, float((pred == train_y[:n_ref].numpy()).mean()),
-                     *fd_with_spread(feats, real, args.bootstrap, args.seed)))
+    # what no generator on this tokenizer can beat: its reconstructions of as many real training images
+    pick = torch.as_tensor(np.random.default_rng(args.seed).permutation(len(train_x))[: args.num])
     with torch.inference_mode(), autocast(device):
         recon = torch.cat([vq.decode(vq.encode(x.to(device))).float().clamp(-1, 1).cpu()
-                           for x in test_x[: args.num].split(args.batch)])
-    pred, feats = judge(clf, recon, device)
-    ref_rows.append(("tokenizer reconstructions (held-out)", len(recon),
-                     float((pred == test_y[: len(recon)].numpy()).mean()),
-                     *fd_with_spread(feats, real, args.bootstrap, args.seed)))
+                           for x in train_x[pick].split(args.batch)])
+    recon_score = judge.score(recon, train_y[pick.numpy()], bootstrap=args.bootstrap)
 
     rows = []
     for setting in settings(args, model.has_critic):
@@ -334,25 +228,36 @@ def main(argv=None):
         start = time.perf_counter()
         images, labels = generate(model, vq, setting, args.num, num_classes, args.batch, args.seed, device)
         seconds = time.perf_counter() - start
-        pred, feats = judge(clf, images, device)
-        fd, fd_std = fd_with_spread(feats, real, args.bootstrap, args.seed)
-        rows.append({**setting, "acc": float((pred == labels).mean()), "fd": fd, "fd_std": fd_std, "seconds": seconds})
+        score = judge.score(images, labels, bootstrap=args.bootstrap)
+        rows.append({**setting, **score, "acc": score["accuracy"], "fd_std": score.get("fd_std", float("nan")),
+                     "seconds": seconds})
 
+    floor = judge.floor(args.num)
     source = "untrained tiny models" if args.untrained else f"{args.maskgit}" + (" (raw weights)" if args.raw else "")
-    headers = ["sampler", "schedule", "steps", "guidance", "class accuracy", "FD (features)", "sampling s"]
-    table = [[r["strategy"], r["schedule"], r["steps"], fmt(r["cfg"], 2),
-              f"{r['acc']:.1%} ± {_binom(r['acc'], args.num)}", f"{fmt(r['fd'])} ± {fmt(r['fd_std'], 2)}",
-              fmt(r["seconds"])] for r in rows]
-    table += [[f"*{name}*", "-", "-", "-", f"{acc:.1%}", f"{fmt(fd)} ± {fmt(std, 2)}", "-"]
-              for name, n, acc, fd, std in ref_rows]
+    headers = ["sampler", "schedule", "steps", "guidance", f"class accuracy (ceiling {judge.ceiling:.1%})",
+               "worst class", f"cross-check accuracy (ceiling {judge.cross_check_ceiling:.1%})",
+               f"FD (floor {fmt(floor['fd'])})", f"precision (floor {floor['precision']:.2f})",
+               f"recall (floor {floor['recall']:.2f})", "sampling s"]
+
+    def cells(r: dict) -> list:
+        return [f"{r['accuracy']:.1%} ± {_binom(r['accuracy'], r['n'])}",
+                f"{r['worst_class']:.0%} ({classes[r['worst_class_index']]})", f"{r['cross_check_accuracy']:.1%}",
+                f"{fmt(r['fd'])} ± {fmt(r.get('fd_std', float('nan')), 2)}", f"{r['precision']:.2f}",
+                f"{r['recall']:.2f}"]
+
+    table = [[r["strategy"], r["schedule"], r["steps"], fmt(r["cfg"], 2), *cells(r), fmt(r["seconds"])] for r in rows]
+    table.append([f"*tokenizer reconstructions of {recon_score['n']} real training images*", "-", "-", "-",
+                  *cells(recon_score), "-"])
     print("\n".join([
         f"## Sample quality on `{data['data']}` ({source}), {args.num} class-conditional samples per setting", "",
         machine_line(device), "",
-        f"Judge: a CNN trained on {len(train_x)} real training images for "
-        f"{1 if args.quick else args.clf_epochs} epoch(s) ({clf_seconds:.0f} s with data); held-out accuracy on "
-        f"{len(test_x)} real images: **{held_out_acc:.1%}**. FD: Frechet distance of its {real[0].shape[0]}-d "
-        f"penultimate features to those of the {len(test_x)} real held-out images (lower is better; ± bootstrap "
-        f"std). Class accuracy ± binomial std.", "",
+        f"Judge (bench/judge.py, {judge_seconds:.0f} s to build with data): {judge.describe()}.", "",
+        "Class accuracy: share of samples the CNN assigns to the class they were asked for (± binomial std); the "
+        "ceiling is its accuracy on real held-out images. FD: Frechet distance of the CNN's "
+        f"{judge.held_out_features.shape[1]}-d penultimate features of the samples to those of the {len(test_x)} "
+        "real held-out images (lower is better; ± bootstrap std). Precision / recall: k-NN manifolds (k=3) in the "
+        "same features (Kynkaenniemi et al. 2019): share of samples among real images / of real images covered by "
+        f"the samples. Floors: {min(args.num, len(train_x))} real training images scored the same way.", "",
         markdown_table(headers, table), "",
         cosine_verdict(rows, args.steps), "",
     ]))

@@ -12,6 +12,11 @@ its own. Ours and the reference wrapper share one `TransformerWrapper`. Ours is 
 a class token (65 places instead of 64); the "ours, uncond." columns run the same net unconditionally, 64 places,
 for an exact comparison. The autoregressive baseline is `AutoregressiveWrapper(TransformerWrapper(Decoder))` of the
 same width and depth, `generate(start token, seq_len=h*w, cache_kv=True)`.
+
+FLOPs per forward are counted by torch's FlopCounterMode with x-transformers' flash path switched off for the
+count (`plain_attention`): attention is then plain matmuls, which every torch counts, whereas what it counts of
+`scaled_dot_product_attention` depends on the version (torch 2.14.1 counts none of it on the CPU). The flash and
+plain paths compute the same products, so the figure is the FLOPs of the forward that is timed.
 """
 
 from __future__ import annotations
@@ -20,9 +25,7 @@ import argparse
 import dataclasses
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from contextlib import contextmanager
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -168,9 +171,31 @@ def build_models(args, device):
     return models
 
 
-def flops_per_sequence(fn) -> float:
-    """FLOPs of fn() counted by torch's FlopCounterMode (matmuls and attention)."""
-    with FlopCounterMode(display=False) as counter:
+@contextmanager
+def plain_attention(*modules: torch.nn.Module):
+    """x-transformers' attention computed with plain einsum/matmul instead of SDPA inside the block.
+
+    Every `Attend` module of x-transformers picks its path from its `flash` attribute on each call; this switches it
+    off and back. A module without that attribute is refused: the count would silently leave attention out."""
+    from x_transformers.attend import Attend
+
+    attends = [m for module in modules for m in module.modules() if isinstance(m, Attend)]
+    if any(not isinstance(getattr(m, "flash", None), bool) for m in attends):
+        raise RuntimeError("this x-transformers' Attend has no boolean `flash` switch: FLOPs cannot be counted")
+    saved = [m.flash for m in attends]
+    for m in attends:
+        m.flash = False
+    try:
+        yield
+    finally:
+        for m, flash in zip(attends, saved):
+            m.flash = flash
+
+
+def flops_per_sequence(fn, *modules: torch.nn.Module) -> float:
+    """FLOPs of fn() counted by torch's FlopCounterMode, with the attention of `modules` computed as plain matmuls
+    (`plain_attention`) so that every torch version counts it."""
+    with plain_attention(*modules), FlopCounterMode(display=False) as counter:
         fn()
     return float(counter.get_total_flops())
 
@@ -265,8 +290,8 @@ def main(argv=None):
         peak = matmul_gflops(device, n=512 if args.quick else 2048,
                              dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         one = torch.full((1, n), K, device=device)
-        flops_cond = flops_per_sequence(lambda: ours.logits(one, labels[:1]))  # per sequence, one forward
-        flops_uncond = flops_per_sequence(lambda: ours_uncond.logits(one))
+        flops_cond = flops_per_sequence(lambda: ours.logits(one, labels[:1]), ours)  # per sequence, one forward
+        flops_uncond = flops_per_sequence(lambda: ours_uncond.logits(one), ours_uncond)
         # warm up every path once (allocator, thread pools, compilation) before anything is timed
         ours.generate(batch_size=2, labels=labels[:2], steps=2)
         ours_uncond.generate(batch_size=2, steps=2)
@@ -302,7 +327,7 @@ def main(argv=None):
               machine_line(device) + f"; {'bf16' if device.type == 'cuda' else 'fp32'} matmul peak {fmt(peak)} GFLOP/s"
               + (" (runs under bf16 autocast)" if device.type == "cuda" else "")
               + ("; torch.compile" if args.compile else ""), "",
-              f"FLOPs per sequence per forward (FlopCounterMode): {fmt(flops_cond / 1e6)} M with the class token, "
+              f"FLOPs per sequence per forward (FlopCounterMode, attention as plain matmuls): {fmt(flops_cond / 1e6)} M with the class token, "
               f"{fmt(flops_uncond / 1e6)} M without.", ""]
 
     headers = ["steps", "batch", "ours img/s", "ours ms", "reference img/s", "reference ms", "ours / reference",

@@ -4,9 +4,11 @@
     python bench/train_speed.py --vq-preset cifar10 --maskgit-preset cifar10 --device cuda
     python bench/train_speed.py --quick                # seconds: a smoke test
 
-Each row times the update the training scripts make (forward, backward, gradient clipping, AdamW step, and for
-stage 2 the EMA update), with the scripts' own model builders and optimizers, in-process and at the preset's batch
-size. Data loading is left out: stage 1 reads a fixed batch of `shapes` images, stage 2 random codes (the cost of a
+Each row times the update the training scripts make, through their own code: `core.train.update_step` (forward,
+non-finite check, backward, gradient clipping, AdamW step, LR schedule, and for stage 2 the EMA update of
+`core.train.make_ema`) on an Accelerator from `core.accel.make_accelerator`, with the stages' optimizers
+(`vqvae.train.build_optimizer`, `maskgit.train.build_optimizer`), in-process and at the preset's batch size; stage
+2's update is the joint generator + critic one. Data loading is left out: stage 1 reads a fixed batch of `shapes` images, stage 2 random codes (the cost of a
 step does not depend on the code values). Peak memory is what the GPU allocator saw (`max_memory_allocated`) or,
 on the CPU, the growth of the process's resident memory from before the model was built (sampled every 2 ms, so
 a lower bound).
@@ -15,20 +17,22 @@ a lower bound).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import tempfile
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from torch.optim.swa_utils import AveragedModel
 
+import maskgit.train
+import vqvae.train
 from common import PeakRSS, autocast, fmt, machine_line, markdown_table, median, pick_device, sync
+from core.accel import make_accelerator
+from core.data import make_shapes
+from core.train import make_ema, update_step
 from maskgit.config import MASKGIT_PRESETS
 from maskgit.model import build_maskgit
 from vqvae.config import VQ_PRESETS
-from vqvae.data import make_shapes
 from vqvae.model import VQVAE
 
 CRITICS = ("none", "self", "separate")
@@ -92,42 +96,41 @@ def time_updates(update, device, args) -> list[float]:
     return times
 
 
-def vq_row(args, device) -> dict:
-    """One stage-1 update as in train_vq.py: VQ-VAE loss, backward, clip, AdamW, LR schedule."""
-    from train_vq import build_optimizer
+def timed_update(accelerator, model, optimizer, scheduler, batch, loss_fn, grad_clip: float, after_step=None):
+    """The training scripts' update step on one fixed micro-batch (no accumulation), as a no-argument function."""
 
+    def refuse(loss):
+        return f"loss is {loss.item()}: the benchmark's update diverged"
+
+    return lambda: update_step(accelerator, model, optimizer, scheduler, [batch], loss_fn, grad_clip=grad_clip,
+                               skip_nonfinite=False, on_nonfinite=refuse, after_step=after_step)
+
+
+def vq_row(args, accelerator) -> dict:
+    """One stage-1 update as in train_vq.py: VQ-VAE loss, backward, clip, AdamW, LR schedule."""
+    device = accelerator.device
     model_cfg, train_cfg = VQ_PRESETS[args.vq_preset]
     batch = 8 if args.quick else train_cfg.batch_size
     images, _ = make_shapes(batch, model_cfg.image_size)
     images = (images.float() / 127.5 - 1).to(device)  # (b, 3, S, S) in [-1, 1]
     with memory_meter(device) as mem:
         torch.manual_seed(0)
-        model = VQVAE(model_cfg, sync_codebook=False).to(device).train()
-        optimizer, scheduler = build_optimizer(model, train_cfg)
+        model = VQVAE(model_cfg).train()
+        optimizer, scheduler = vqvae.train.build_optimizer(model, train_cfg)
         forward = torch.compile(model) if args.compile else model
-
-        def update():
-            with autocast(device):
-                loss = forward(images).losses.total
-            loss.backward()
-            if train_cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-
+        forward, optimizer, scheduler = accelerator.prepare(forward, optimizer, scheduler)
+        update = timed_update(accelerator, forward, optimizer, scheduler, images, lambda x: forward(x).losses,
+                              train_cfg.grad_clip)
         times = time_updates(update, device, args)
     params = sum(p.numel() for p in model.parameters())
+    accelerator.free_memory()
     return dict(stage=f"VQ-VAE `{args.vq_preset}`", variant=model_cfg.quantizer, batch=batch, params=params,
                 step=median(times), memory=mem.delta)
 
 
-def maskgit_row(args, device, critic: str) -> dict:
+def maskgit_row(args, accelerator, critic: str) -> dict:
     """One stage-2 update as in train_maskgit.py (joint generator + critic loss), with its EMA update."""
-    import dataclasses
-
-    from train_maskgit import build_optimizer, ema_with_warmup
-
+    device = accelerator.device
     model_cfg, train_cfg = MASKGIT_PRESETS[args.maskgit_preset]
     model_cfg = dataclasses.replace(model_cfg, critic=critic)
     vq_cfg = VQ_PRESETS[args.vq_preset][0]
@@ -141,25 +144,16 @@ def maskgit_row(args, device, critic: str) -> dict:
         torch.manual_seed(0)
         model = build_maskgit(model_cfg, codebook_size=K, grid=(side, side), num_classes=num_classes).to(device)
         model.train()
-        ema = (AveragedModel(model, multi_avg_fn=ema_with_warmup(train_cfg.ema_decay), use_buffers=True)
-               if train_cfg.ema_decay > 0 else None)
-        optimizer, scheduler = build_optimizer(model, train_cfg)
+        ema = make_ema(model, train_cfg.ema_decay)
+        optimizer, scheduler = maskgit.train.build_optimizer(model, train_cfg)
         forward = torch.compile(model) if args.compile else model
-
-        def update():
-            with autocast(device):
-                loss = forward(codes, labels).loss
-            loss.backward()
-            if train_cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update_parameters(model)
-            scheduler.step()
-
+        forward, optimizer, scheduler = accelerator.prepare(forward, optimizer, scheduler)
+        update = timed_update(accelerator, forward, optimizer, scheduler, (codes, labels), lambda b: forward(*b),
+                              train_cfg.grad_clip,
+                              after_step=(lambda: ema.update_parameters(model)) if ema is not None else None)
         times = time_updates(update, device, args)
     params = sum(p.numel() for p in model.parameters())
+    accelerator.free_memory()
     return dict(stage=f"MaskGIT `{args.maskgit_preset}`", variant=f"critic {critic}", batch=batch, params=params,
                 step=median(times), memory=mem.delta)
 
@@ -170,10 +164,15 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     prime(device)
-    rows = [vq_row(args, device)]
-    for critic in args.critics:
-        print(f"MaskGIT, critic {critic}", file=sys.stderr, flush=True)
-        rows.append(maskgit_row(args, device, critic))
+    with tempfile.TemporaryDirectory(prefix="train_speed-") as tmp:
+        # bf16 autocast on a GPU (what the cifar10 presets train with), fp32 on the CPU
+        accelerator = make_accelerator(tmp, mixed_precision="bf16" if device.type == "cuda" else "no",
+                                       cpu=device.type == "cpu")
+        device = accelerator.device
+        rows = [vq_row(args, accelerator)]
+        for critic in args.critics:
+            print(f"MaskGIT, critic {critic}", file=sys.stderr, flush=True)
+            rows.append(maskgit_row(args, accelerator, critic))
 
     base = next((r for r in rows if r["variant"] == "critic none"), None)
     memory_kind = "GPU peak allocated" if device.type == "cuda" else "CPU peak RSS growth"
@@ -185,7 +184,8 @@ def main(argv=None):
         table.append([r["stage"], r["variant"], f"{r['params']:,}", r["batch"], fmt(1 / r["step"]),
                       fmt(r["batch"] / r["step"]), fmt(r["step"] * 1e3), fmt(r["memory"] / 2**20), rel])
     print("\n".join([
-        "## Training speed (one optimizer update: forward, backward, clip, AdamW" + (", EMA" if base else "") + ")",
+        "## Training speed (one optimizer update, `core.train.update_step`: forward, backward, clip, AdamW"
+        + (", EMA" if base else "") + ")",
         "", machine_line(device) + ("; torch.compile" if args.compile else "")
         + ("; bf16 autocast" if device.type == "cuda" else "; fp32"), "",
         markdown_table(headers, table), "",

@@ -14,20 +14,22 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .data import load_dataset
+from .cli import check_out_path
+from .data import add_data_args, load_dataset, loader_options
 from .images import to_uint8
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="export_dataset.py", description="Write a dataset split at training resolution "
                                 "as reference images for FID.")
-    p.add_argument("--data", required=True, help="'cifar10', 'shapes', or a folder of images")
+    p.add_argument("--data", required=True, help="'cifar10', 'shapes', a folder of images, or hf:NAME_OR_PATH")
     p.add_argument("--data-root", default=None, help="where cifar-10-batches-py lives (default ./data)")
     p.add_argument("--split", choices=["train", "test"], default="train")
     p.add_argument("--image-size", type=int, required=True, help="side of the square images, in pixels")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--limit", type=int, default=None, help="export only the first N images")
     p.add_argument("--overwrite", action="store_true", help="replace PNGs left in OUT/images by an earlier export")
+    add_data_args(p, crop=False)  # --verify-images, --image-cache, --image-cache-dir
     return p.parse_args(argv)
 
 
@@ -41,12 +43,13 @@ def check_out(out: Path, overwrite: bool) -> list[Path]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_out_path(args.out)
     if args.limit is not None and args.limit < 1:
         sys.exit("error: --limit must be at least 1")
     stale = check_out(args.out, args.overwrite)
     try:
-        ds = load_dataset(args.data, args.image_size, args.split, root=args.data_root)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        ds = load_dataset(args.data, args.image_size, args.split, root=args.data_root, **loader_options(args))
+    except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     n = len(ds) if args.limit is None else min(args.limit, len(ds))
     for f in stale:

@@ -6,11 +6,12 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from .runs import METRICS_NAME, atomic_write_text
+from .runs import METRICS_NAME, atomic_write_text, reporting_disk_full
 
 
 class MetricsLog:
@@ -24,8 +25,22 @@ class MetricsLog:
         """Forget records past `step`: a resumed run rewrites them (main process only)."""
         if not self.accelerator.is_main_process or not self.path.is_file():
             return
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept, torn = [], []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a crash or a full disk
+                torn.append(number)
+                continue
+            if not isinstance(record, dict):
+                torn.append(number)
+            elif not isinstance(record.get("step", 0), int) or record.get("step", 0) <= step:
+                kept.append(line)
+        if torn:
+            warnings.warn(f"{self.path}: dropping {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}"
+                          f"{', ...' if len(torn) > 5 else ''}), cut short when the run stopped", stacklevel=2)
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
@@ -33,8 +48,9 @@ class MetricsLog:
         # strict JSON has no NaN/inf: a non-finite value is written as null
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         if self.accelerator.is_main_process:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            with reporting_disk_full(str(self.path), "the metrics logged before are kept"):
+                with open(self.path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                    and k != "step"}
         self.accelerator.log(scalars, step=record.get("step"))

@@ -12,7 +12,13 @@ class StepBatchSampler(torch.utils.data.Sampler):
     optimizer step consumes `global_batch` consecutive positions of that order; process r of R takes its
     slice of every micro-batch, so processes never see the same image in a step and the data position
     after a resume is known from the step alone.
+
+    With `keys` set (`core.data.train_loader` sets it for datasets whose items depend on the step, such as
+    random-resized crops), the lists hold `(index, seed, step)` tuples instead of plain indices, so that a
+    dataset can draw its augmentation from (seed, step, index) alone.
     """
+
+    keys = False
 
     def __init__(self, num_items: int, global_batch: int, *, seed: int, rank: int, world_size: int,
                  grad_accum: int = 1, start_step: int = 0, total_steps: int | None = None):
@@ -53,7 +59,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
         step = self.start_step
         while self.total_steps is None or step < self.total_steps:
             for micro_step in range(self.grad_accum):
-                yield self.local_indices(step, micro_step)
+                indices = self.local_indices(step, micro_step)
+                yield [(i, self.seed, step) for i in indices] if self.keys else indices
             step += 1
 
     def __len__(self):

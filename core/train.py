@@ -12,6 +12,8 @@ from typing import Callable, ClassVar, Iterable
 
 import torch
 
+from .cli import ClearError
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -135,7 +137,7 @@ def make_ema(model: torch.nn.Module, decay: float):
 # The update step
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ClearError):
     """The loss became NaN or infinite."""
 
 

@@ -145,4 +145,24 @@ MASKGIT_PRESETS: dict[str, tuple[MaskGITConfig, MaskGITTrainConfig]] = {
             mixed_precision="bf16", num_workers=4,
         ),
     ),
+    # 16x16 code grids (the imagenet64 tokenizer, or a published f=16 tokenizer at 256 px): cifar10's transformer
+    # with a longer warm-up.
+    "imagenet64": (
+        MaskGITConfig(dim=512, depth=12, heads=8, dropout=0.1, label_smoothing=0.1),
+        MaskGITTrainConfig(
+            steps=200_000, batch_size=256, lr=3e-4, weight_decay=0.045, betas=(0.9, 0.96), warmup_steps=5000,
+            ema_decay=0.9999, eval_every=5000, sample_every=10_000, save_every=10_000, num_eval_images=1000,
+            mixed_precision="bf16", num_workers=4,
+        ),
+    ),
+    # ImageNet 256 on 16x16 codes (the imagenet256 tokenizer or a published f=16 one): ~196M parameters with 16384 codes, between
+    # Halton-MaskGIT's B and L sizes; train with --token-views tencrop (LlamaGen's ten crops).
+    "imagenet256": (
+        MaskGITConfig(dim=768, depth=24, heads=12, dropout=0.1, label_smoothing=0.1),
+        MaskGITTrainConfig(
+            steps=500_000, batch_size=512, lr=2e-4, weight_decay=0.045, betas=(0.9, 0.96), warmup_steps=10_000,
+            ema_decay=0.9999, eval_every=10_000, sample_every=10_000, save_every=10_000, num_eval_images=1000,
+            mixed_precision="bf16", num_workers=4,
+        ),
+    ),
 }

@@ -6,7 +6,8 @@
 
 writes OUT/images/000000.png ... (lossless, at training resolution; file name = sample index), OUT/samples.npz
 (`arr_0` uint8 (N, H, W, 3), and `labels` (N,) for a class-conditional model), OUT/grid.png (one row per class)
-and OUT/meta.json (checkpoint, step and every setting).
+and OUT/meta.json (checkpoint, step and every setting). meta.json is written last: while OUT/INCOMPLETE exists
+(sampling runs, or stopped early: a full disk, a kill) the folder is not a finished sample set.
 
 Sample i lies in batch i // batch_size, and batch b draws from its own generator seeded by (seed, b); processes
 take batches round-robin. The output therefore depends on the seed, the settings and the batch size, but not on
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,24 +34,31 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from core.accel import make_accelerator
-from core.cli import finite_float, fail
+from core.cli import check_out_path, finite_float, fail
 from core.images import save_image_grid, to_uint8
-from core.runs import Run, RunFolderError, atomic_write_text
+from core.lock import locked_folder
+from core.hub import HubError, fetch_run
+from core.runs import DISK_FULL_ERRNOS, Run, RunFolderError, atomic_write_text, is_disk_full
 
 from . import STAGE, load_maskgit
+from .config import MaskGITConfig
 from .editing import box_mask, cell_pixels, image_mask, keep_mask, token_mask
-from .sampler import CFG_SCHEDULES, STRATEGIES, SamplerConfig, sample
+from .sampler import CFG_SCHEDULES, STRATEGIES, CompiledSampler, SamplerConfig, sample
 from .schedules import SCHEDULES
 
 DEFAULTS = SamplerConfig()
 TMP_ARRAY = ".samples.tmp.npy"  # filled row by row by every process, then stored into samples.npz
+INCOMPLETE = "INCOMPLETE"  # present while OUT is being written, and left behind when sampling stopped early
 GRID_WIDTH = 8  # images per row of the preview grids
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("`: ", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="stage-2 run folder written by train_maskgit.py")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
+                   help="stage-2 run folder written by train_maskgit.py, or a Hub repo id (owner/name) published "
+                        "with publish.py")
+    p.add_argument("--revision", help="with a Hub repo id: the branch, tag or commit to use (default: main)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (part of the seed rule)")
@@ -82,6 +91,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=DEFAULTS.cfg_schedule,
                    help="constant w, or linear from 0 at the first step to w at the last")
     s.add_argument("--remask", action="store_true", help="let later steps re-mask tokens drawn earlier")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer forward (GPU; off by default: whether it pays is measured by "
+                        "bench/gpu_check.py; on the CPU sampling runs eagerly, with a note)")
+    s.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each batch's whole fixed-shape run from a CUDA graph captured once (GPU; same codes "
+                        "for the same seed up to rounding; off by default, measured by bench/gpu_check.py; on the "
+                        "CPU, or when editing or writing a trajectory, sampling runs eagerly, with a note)")
     e = p.add_argument_group("editing: regenerate part of an image")
     e.add_argument("--init-image", type=Path, metavar="PATH", help="image to edit, at exactly the training resolution")
     region = e.add_mutually_exclusive_group()
@@ -95,7 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args) -> None:
-    """Argument problems that need no files."""
+    """Argument problems that need no model."""
+    check_out_path(args.out)
     for flag, value in (("--num", args.num), ("--batch-size", args.batch_size), ("--steps", args.steps)):
         if value < 1:
             fail(f"{flag} must be >= 1, got {value}")
@@ -125,9 +142,9 @@ def read_run(path) -> Run:
     """The stage-2 run, with the settings sampling reads from it checked before any work starts."""
     try:
         run = Run.open(path, STAGE)
-        for name in ("image_size", "grid", "classes", "num_classes", "tokenizer_path"):
-            getattr(run, name)  # raises RunFolderError when the value is missing or of the wrong type
-        run.model["schedule"]
+        for name in ("image_size", "grid", "classes", "num_classes", "codebook_size", "tokenizer_source"):
+            getattr(run, name)  # raises RunFolderError when the value is missing, of the wrong type or out of range
+        run.model_config(MaskGITConfig)
         return run
     except (RunFolderError, KeyError, TypeError, ValueError) as err:
         fail(f"--checkpoint: {err}")
@@ -165,8 +182,14 @@ def resolve_labels(cls: str | None, run: Run, num: int) -> tuple[torch.Tensor | 
 def read_picture(path: Path, size: int, what: str) -> np.ndarray:
     """uint8 (H, W, 3) pixels of an image file that must be size x size."""
     try:
-        with Image.open(path) as im:
-            pixels = np.array(im.convert("RGB"))  # a writable copy
+        with warnings.catch_warnings():
+            # PIL warns above Image.MAX_IMAGE_PIXELS and refuses twice that: refuse both, before decoding
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                pixels = np.array(im.convert("RGB"))  # a writable copy
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        fail(f"{what} {path}: refusing to decode it, its size is too large to be safe ({err}); the model works "
+             f"at {size}x{size} pixels: resize or crop the image to that first")
     except (OSError, ValueError) as err:
         fail(f"{what} {path}: cannot read it as an image ({err})")
     if pixels.shape[:2] != (size, size):
@@ -221,9 +244,9 @@ def batch_rows(num: int, batch_size: int) -> list[range]:
 
 
 @torch.no_grad()
-def decode(tokenizer, codes: torch.Tensor) -> torch.Tensor:
+def decode(tokenizer, codes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Codes (b, h*w) -> images (b, 3, H, W) in [-1, 1]."""
-    return tokenizer.decode(codes.view(len(codes), *tokenizer.grid_size)).clamp(-1, 1)
+    return tokenizer.decode(codes.view(len(codes), *grid)).clamp(-1, 1)
 
 
 def png_name(index: int, num: int) -> str:
@@ -240,9 +263,9 @@ def write_trajectory(tokenizer, model, states: list[torch.Tensor], path: Path) -
     states = torch.stack([s[:GRID_WIDTH] for s in states], dim=1)  # (m, steps, n)
     m, steps, n = states.shape
     masked = states.reshape(m * steps, n) == model.mask_id  # (m*steps, n)
-    images = decode(tokenizer, states.reshape(m * steps, n).masked_fill(masked, 0))  # any valid code will do
-    f = images.shape[-1] // tokenizer.grid_size[1]
-    grey = cell_pixels(masked.view(-1, *tokenizer.grid_size), f)[:, None]  # (m*steps, 1, H, W)
+    images = decode(tokenizer, states.reshape(m * steps, n).masked_fill(masked, 0), model.grid)  # any code will do
+    f = images.shape[-1] // model.grid[1]
+    grey = cell_pixels(masked.view(-1, *model.grid), f)[:, None]  # (m*steps, 1, H, W)
     save_image_grid(images.masked_fill(grey, 0.0).cpu(), path, nrow=steps)  # 0 is mid-grey in [-1, 1]
 
 
@@ -258,12 +281,15 @@ def grid_layout(labels: torch.Tensor | None, num: int) -> tuple[list[int], int]:
 def write_npz(array_path: Path, labels: torch.Tensor | None, path: Path) -> None:
     """samples.npz from the .npy on disk (copied in chunks, never loaded whole), plus the labels; then drop the .npy."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        zf.write(array_path, arcname="arr_0.npy")
-        if labels is not None:
-            with zf.open("labels.npy", "w", force_zip64=True) as fh:
-                write_array(fh, labels.numpy().astype(np.int64))
-    os.replace(tmp, path)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            zf.write(array_path, arcname="arr_0.npy")
+            if labels is not None:
+                with zf.open("labels.npy", "w", force_zip64=True) as fh:
+                    write_array(fh, labels.numpy().astype(np.int64))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     array_path.unlink()
 
 
@@ -277,17 +303,18 @@ def sample_all(args, accelerator, model, tokenizer, cfg, labels, edit, array) ->
         image = torch.from_numpy(edit[0]).permute(2, 0, 1)[None].float().to(device) / 127.5 - 1  # (1, 3, H, W)
         init_codes, keep = tokenizer.encode(image).flatten(1), edit[1][None].to(device)  # (1, n) each
     progress = tqdm(total=args.num, unit="img", desc="sample", disable=not accelerator.is_main_process)
+    draw = CompiledSampler(args.compile, args.cuda_graphs) if args.compile or args.cuda_graphs else sample
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         for first in range(0, len(rows_of), world):  # one round: batches first .. first + world - 1
             batch = first + rank
             if batch < len(rows_of):
                 rows = rows_of[batch]
                 trajectory = args.trajectory and batch == 0
-                out = sample(model, len(rows), None if labels is None else labels[rows.start:rows.stop].to(device),
-                             cfg, init_codes=init_codes, keep=keep, generator=batch_generator(args.seed, batch),
-                             return_trajectory=trajectory)
+                out = draw(model, len(rows), None if labels is None else labels[rows.start:rows.stop].to(device),
+                           cfg, init_codes=init_codes, keep=keep, generator=batch_generator(args.seed, batch),
+                           return_trajectory=trajectory)
                 codes, states = out if trajectory else (out, None)
-                pixels = to_uint8(decode(tokenizer, codes)).cpu().numpy()  # (b, H, W, 3)
+                pixels = to_uint8(decode(tokenizer, codes, model.grid)).cpu().numpy()  # (b, H, W, 3)
                 array[rows.start:rows.stop] = pixels
                 write_pngs(pixels, rows, args.out / "images", args.num, pool)
                 if states is not None:
@@ -304,7 +331,7 @@ def write_summary(args, run: Run, cfg: SamplerConfig, labels, label_rule: str, a
     save_image_grid(grid, args.out / "grid.png", nrow=nrow)
     meta = {
         "checkpoint": str(Path(args.checkpoint).resolve()), "step": run.step,
-        "ema": not args.no_ema and run.has_ema, "tokenizer": str(run.tokenizer_path),
+        "ema": not args.no_ema and run.has_ema, "tokenizer": run.tokenizer_source,
         "sampler": dataclasses.asdict(cfg), "seed": args.seed, "num": args.num, "batch_size": args.batch_size,
         "num_processes": num_processes, "labels": label_rule, "classes": run.classes,
         "seed_rule": "batch b = samples b*batch_size.. draws from torch.Generator().manual_seed(first 63 bits of "
@@ -315,8 +342,9 @@ def write_summary(args, run: Run, cfg: SamplerConfig, labels, label_rule: str, a
             "mask_image": str(args.mask_image.resolve()) if args.mask_image else None, "invert": args.invert_mask},
         "torch": torch.__version__, "command": args.command,
     }
-    atomic_write_text(args.out / "meta.json", json.dumps(meta, indent=2) + "\n")
     write_npz(args.out / TMP_ARRAY, labels, args.out / "samples.npz")
+    atomic_write_text(args.out / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: the folder is complete
+    (args.out / INCOMPLETE).unlink(missing_ok=True)
 
 
 def open_array(accelerator, out: Path, shape: tuple) -> np.ndarray:
@@ -324,23 +352,56 @@ def open_array(accelerator, out: Path, shape: tuple) -> np.ndarray:
     path = out / TMP_ARRAY
     if accelerator.is_main_process:
         (out / "images").mkdir(parents=True, exist_ok=True)
+        (out / INCOMPLETE).write_text("sample.py is writing this folder, or stopped before it finished: it is a "
+                                      "complete sample set only once this file is gone and meta.json exists\n")
+        (out / "meta.json").unlink(missing_ok=True)  # an earlier run's (only with --overwrite)
         for stale in (out / "images").glob("*.png"):  # only with --overwrite (check_out)
             stale.unlink()
         open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
+        reserve(path)
     accelerator.wait_for_everyone()
     return open_memmap(path, mode="r+")
+
+
+def reserve(path: Path) -> None:
+    """Allocate a file's blocks now: a memory-mapped write to a full disk would kill the process (SIGBUS) later."""
+    with open(path, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as err:
+            if err.errno in DISK_FULL_ERRNOS:
+                raise
+            # the file system cannot preallocate (EOPNOTSUPP, EINVAL): write as before
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)
+    try:
+        args.checkpoint = fetch_run(args.checkpoint, args.revision)  # a Hub repo id: its cached snapshot
+    except HubError as err:
+        fail(f"--checkpoint: {err}")
     run = read_run(args.checkpoint)
     cfg = sampler_config(args, run)
     check_model_fits(cfg, run, args.checkpoint)
     labels, label_rule = resolve_labels(args.cls, run, args.num)
     edit = edit_request(args, run)
     check_out(args.out, args.overwrite)
+    with locked_folder(args.out):  # one sampling run per --out folder (core.lock)
+        try:
+            sample_to(args, run, cfg, labels, label_rule, edit)
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            for partial in (args.out / TMP_ARRAY, args.out / ".samples.npz.tmp"):  # give the space back
+                partial.unlink(missing_ok=True)
+            fail(f"no space left on device while writing samples to {args.out} ({type(err).__name__}: {err}): the "
+                 f"output is incomplete, as {args.out / INCOMPLETE} says (no meta.json was written); free some "
+                 "space, then sample again with --overwrite", code=1)
 
+
+def sample_to(args, run: Run, cfg: SamplerConfig, labels, label_rule: str, edit) -> None:
+    """Load the model and write every output file (the checks of `main` passed)."""
     accelerator = make_accelerator(args.out, mixed_precision="no", grad_accum=1, cpu=args.cpu)
     try:
         model, tokenizer, run = load_maskgit(args.checkpoint, accelerator.device, ema=not args.no_ema)

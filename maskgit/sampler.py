@@ -5,8 +5,14 @@ reveals a scheduled number of them (at least one per step, all by the last): the
 (`confidence`, Chang et al. 2022), those the token critic judges right (`critic`, Lezama et al. 2022), or the
 next ones in a fixed low-discrepancy order (`halton`, Besnier et al. 2025). Places given by the caller (`keep`)
 never change and do not count toward the schedule.
+
+`CompiledSampler` runs the same sampling with the transformer forward under torch.compile and/or the whole
+fixed-shape run (`sample_fixed`) captured once per (batch, settings) in a CUDA graph and replayed (sample.py
+--compile / --cuda-graphs). Both are off by default: bench/gpu_check.py measures whether they pay on a GPU.
 """
 
+import contextlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -98,8 +104,35 @@ def sample(model, batch_size: int | None = None, labels: Tensor | None = None, c
     """
     config = config or SamplerConfig()
     device = next(model.parameters()).device
-    n, mask_id = model.seq_len, model.mask_id
+    n = model.seq_len
+    b, labels = _check_call(model, batch_size, labels, config, init_codes, device)
+    seq, keep = _initial_state(model, b, init_codes, keep, device)
+    plan = _plan(model, config, keep, device)
 
+    masked = ~keep
+    prev_embeds = None
+    trajectory = []
+    was_training = model.training
+    model.eval()
+    try:
+        for step in range(config.steps):
+            if plan.work[step] == 0:  # everything revealed already (more steps than places): nothing to compute
+                if return_trajectory:
+                    trajectory.append(seq.clone())
+                continue
+            # the same draws every step whatever the settings, so runs that differ only in settings stay comparable
+            u = uniform((2, b, n), device, generator)
+            seq, masked, prev_embeds = _step(model, config, plan, step, seq, masked, keep, labels, prev_embeds, u,
+                                             gather=True)
+            if return_trajectory:
+                trajectory.append(seq.clone())
+    finally:
+        model.train(was_training)
+    return (seq, trajectory) if return_trajectory else seq
+
+
+def _check_call(model, batch_size, labels, config: SamplerConfig, init_codes, device) -> tuple[int, Tensor | None]:
+    """(batch size, labels as a (b,) long tensor on the model's device or None), the call's settings checked."""
     b = batch_size or (len(labels) if labels is not None else len(init_codes) if init_codes is not None else 1)
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
@@ -109,8 +142,23 @@ def sample(model, batch_size: int | None = None, labels: Tensor | None = None, c
         raise ValueError("cfg > 0 needs a class-conditional model and labels (guidance contrasts them with no class)")
     if config.strategy == "critic" and not model.has_critic:
         raise ValueError("strategy='critic' needs a model with a token critic (token_critic or self_token_critic)")
-    seq, keep = _initial_state(model, b, init_codes, keep, device)
+    return b, labels
 
+
+@dataclass
+class _Plan:
+    """What every step of one run reveals, fixed before the first step (one host sync for all of them)."""
+
+    reveal: Tensor                 # (steps, b) places to reveal at each step
+    work: list[int]                # per step: most places still masked in a row when it starts (0: nothing to do)
+    n_masked: list[int]            # per step: masked places in the whole batch when it starts
+    reveal_max: list[int]          # per step: most places any row reveals
+    final: list[bool]              # per step: it reveals every candidate (no scores needed)
+    rank_score: Tensor | None      # (n,) "halton": higher = earlier in the order
+
+
+def _plan(model, config: SamplerConfig, keep: Tensor, device) -> _Plan:
+    n = model.seq_len
     n_unknown = (~keep).sum(-1)                                             # (b,)
     counts = masked_counts(config.schedule, config.steps, n_unknown)        # (steps, b) masked after each step
     before = torch.cat([n_unknown[None], counts[:-1]])                      # (steps, b) masked when a step starts
@@ -124,50 +172,45 @@ def sample(model, batch_size: int | None = None, labels: Tensor | None = None, c
         order = halton_order(*model.grid).to(device)
         # earlier in the Halton order = higher score, so the top scores among masked places are revealed next
         rank_score = torch.empty(n, device=device).index_put_((order,), -torch.arange(n, device=device).float())
+    return _Plan(reveal, work, n_masked, reveal_max, final, rank_score)
 
-    masked = ~keep
-    prev_embeds = None
-    trajectory = []
-    was_training = model.training
-    model.eval()
-    try:
-        for step in range(config.steps):
-            if work[step] == 0:  # everything revealed already (more steps than places): nothing to compute
-                if return_trajectory:
-                    trajectory.append(seq.clone())
-                continue
-            w = config.cfg_at(step)
-            logits, embeds = _guided_logits(model, seq, labels, w, prev_embeds if model.self_cond else None)
-            prev_embeds = embeds if model.self_cond else None
-            # the same draws every step whatever the settings, so runs that differ only in settings stay comparable
-            u_token, u_choice = uniform((2, b, n), device, generator)
 
-            # scores are needed unless this step reveals every candidate (the last step, at the latest)
-            need_logp = config.strategy == "confidence" and not final[step] and not config.remask
-            tokens, logp = _draw_masked(logits, u_token, masked, n_masked[step], config.temperature_at(step),
-                                        config.top_k, config.top_p, need_logp)
-            proposal = torch.where(masked, tokens, seq)  # (b, n)
-            if final[step]:
-                seq, masked = proposal, torch.zeros_like(masked)
-            else:
-                candidates = ~keep if config.remask else masked
-                if config.strategy == "confidence":
-                    if config.remask:  # a held token is judged by its own log-prob, not by a fresh draw's
-                        logp = _log_prob_of(logits, proposal)
-                    score = _add_gumbel(logp, u_choice, config.choice_temperature * config.noise_at(step))
-                elif config.strategy == "critic":
-                    wrong = _guided_critic(model, proposal, labels, w)  # (b, n) logit that the token is wrong
-                    score = _add_gumbel(-wrong, u_choice, config.critic_noise * config.noise_at(step))
-                else:
-                    score = rank_score.expand(b, n)
-                revealed = _top_places(score.masked_fill(~candidates, -torch.inf), reveal[step], reveal_max[step])
-                masked = candidates & ~revealed
-                seq = proposal.masked_fill(masked, mask_id)
-            if return_trajectory:
-                trajectory.append(seq.clone())
-    finally:
-        model.train(was_training)
-    return (seq, trajectory) if return_trajectory else seq
+def _step(model, config: SamplerConfig, plan: _Plan, step: int, seq: Tensor, masked: Tensor, keep: Tensor,
+          labels: Tensor | None, prev_embeds: Tensor | None, u: Tensor, *,
+          gather: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One refinement step: (seq, masked, embeddings for self-conditioning) after it. u (2, b, n): its uniforms.
+
+    gather=False draws at every place (the masked ones are kept): no shape depends on the data, no host sync."""
+    b, n = seq.shape
+    w = config.cfg_at(step)
+    logits, embeds = _guided_logits(model, seq, labels, w, prev_embeds if model.self_cond else None)
+    prev_embeds = embeds if model.self_cond else None
+    u_token, u_choice = u
+
+    # scores are needed unless this step reveals every candidate (the last step, at the latest)
+    need_logp = config.strategy == "confidence" and not plan.final[step] and not config.remask
+    temperature = config.temperature_at(step)
+    if gather:
+        tokens, logp = _draw_masked(logits, u_token, masked, plan.n_masked[step], temperature, config.top_k,
+                                    config.top_p, need_logp)
+    else:
+        tokens, logp = _draw(logits, u_token, temperature, config.top_k, config.top_p, need_logp)
+    proposal = torch.where(masked, tokens, seq)  # (b, n)
+    if plan.final[step]:
+        return proposal, torch.zeros_like(masked), prev_embeds
+    candidates = ~keep if config.remask else masked
+    if config.strategy == "confidence":
+        if config.remask:  # a held token is judged by its own log-prob, not by a fresh draw's
+            logp = _log_prob_of(logits, proposal)
+        score = _add_gumbel(logp, u_choice, config.choice_temperature * config.noise_at(step))
+    elif config.strategy == "critic":
+        wrong = _guided_critic(model, proposal, labels, w)  # (b, n) logit that the token is wrong
+        score = _add_gumbel(-wrong, u_choice, config.critic_noise * config.noise_at(step))
+    else:
+        score = plan.rank_score.expand(b, n)
+    revealed = _top_places(score.masked_fill(~candidates, -torch.inf), plan.reveal[step], plan.reveal_max[step])
+    masked = candidates & ~revealed
+    return proposal.masked_fill(masked, model.mask_id), masked, prev_embeds
 
 
 def _initial_state(model, b: int, init_codes: Tensor | None, keep: Tensor | None, device) -> tuple[Tensor, Tensor]:
@@ -312,3 +355,217 @@ def _inverse_cdf(weights: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     v = torch.minimum(v.clamp(min=0), torch.nextafter(inner_cdf[..., -1:], torch.zeros_like(v)))
     idx = torch.searchsorted(inner_cdf, v, right=True).clamp_(max=size - 1)
     return (blk * size + idx).squeeze(-1), total.squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled forwards and CUDA graphs
+
+
+@torch.no_grad()
+def sample_fixed(model, batch_size: int | None = None, labels: Tensor | None = None,
+                 config: SamplerConfig | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+    """`sample` from an all-masked grid, computed the way a CUDA graph replays it: every shape fixed by (batch,
+    settings), no host sync between the steps. The uniforms are drawn first, in the order `sample` draws them,
+    and the tokens are drawn at every place (the masked ones are kept) rather than at the masked places alone,
+    which is the same arithmetic per place: the same codes as `sample` for the same generator state."""
+    config = config or SamplerConfig()
+    device = next(model.parameters()).device
+    b, labels = _check_call(model, batch_size, labels, config, None, device)
+    plan = _plan(model, config, torch.zeros(b, model.seq_len, dtype=torch.bool, device=device), device)
+    was_training = model.training
+    model.eval()
+    try:
+        return _run_fixed(model, config, plan, labels, _draw_uniforms(plan, b, model.seq_len, device, generator))
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def sample_fixed_graph(model, batch_size: int | None = None, labels: Tensor | None = None,
+                       config: SamplerConfig | None = None, *, generator: torch.Generator | None = None,
+                       backend: str = "eager") -> Tensor:
+    """`sample_fixed` traced by torch.compile as ONE graph (`fullgraph=True`): it raises where any step would need
+    a host sync or a data-dependent shape, which is what a CUDA graph cannot replay. Same codes as `sample`."""
+    config = config or SamplerConfig()
+    device = next(model.parameters()).device
+    b, labels = _check_call(model, batch_size, labels, config, None, device)
+    plan = _plan(model, config, torch.zeros(b, model.seq_len, dtype=torch.bool, device=device), device)
+    uniforms = _draw_uniforms(plan, b, model.seq_len, device, generator)
+    traced = torch.compile(lambda lab, u: _run_fixed(model, config, plan, lab, u), fullgraph=True, backend=backend)
+    was_training = model.training
+    model.eval()
+    try:
+        return traced(labels, uniforms)
+    finally:
+        model.train(was_training)
+
+
+def _draw_uniforms(plan: _Plan, b: int, n: int, device, generator, out: Tensor | None = None) -> Tensor:
+    """(steps that compute, 2, b, n): the uniforms of a run, drawn in the order `sample` draws them."""
+    draws = [uniform((2, b, n), device, generator) for work in plan.work if work]
+    return torch.stack(draws) if out is None else torch.stack(draws, out=out)
+
+
+def _run_fixed(model, config: SamplerConfig, plan: _Plan, labels: Tensor | None, us: Tensor) -> Tensor:
+    """All steps from an all-masked grid with the uniforms us (see _draw_uniforms): fixed shapes, no host sync."""
+    b, n = us.shape[2], model.seq_len
+    device = us.device
+    seq = torch.full((b, n), model.mask_id, device=device)
+    keep = torch.zeros(b, n, dtype=torch.bool, device=device)
+    masked, prev_embeds, i = ~keep, None, 0
+    for step in range(config.steps):
+        if plan.work[step] == 0:
+            continue
+        seq, masked, prev_embeds = _step(model, config, plan, step, seq, masked, keep, labels, prev_embeds, us[i],
+                                         gather=False)
+        i += 1
+    return seq
+
+
+class _CompiledForward:
+    """Stands in for a MaskGIT inside the sampler: `logits` and `critic_logits` compiled, all else the model's."""
+
+    def __init__(self, model, compile_fn):
+        self._model = model
+        self.logits = compile_fn(model.logits)
+        self.critic_logits = compile_fn(model.critic_logits) if model.has_critic else model.critic_logits
+
+    def __getattr__(self, name):  # only called for what the instance does not have itself
+        return getattr(self._model, name)
+
+
+@dataclass
+class _Graph:
+    graph: "torch.cuda.CUDAGraph"
+    plan: _Plan
+    labels: Tensor | None          # static inputs: copied into before each replay
+    uniforms: Tensor
+    out: Tensor                    # static output: cloned after each replay
+
+
+class CompiledSampler:
+    """`sample` with the transformer forward under torch.compile and/or the whole run replayed from a CUDA graph.
+
+        sampler = CompiledSampler(compile=True, cuda_graphs=True)
+        codes = sampler(model, 32, labels, SamplerConfig(steps=8), generator=g)   # sample()'s signature
+
+    compile: `model.logits` (and the critic's) go through `torch.compile` (one compilation per batch shape;
+    `backend`, `mode` and `dynamic` are passed on). cuda_graphs: the first call for a (model, batch size,
+    labels or not, settings, autocast) captures the whole fixed-shape run (`sample_fixed`: every step's forward
+    and sampling work) after `warmup` runs on a side stream; later calls draw the uniforms as `sample` does,
+    copy them and the labels into the graph's inputs and replay it: one launch instead of hundreds. Both give the
+    tokens `sample` gives for the same generator state, up to the rounding of compiled kernels (measured in
+    bench/gpu_check.py, which also measures whether they pay; both are off by default).
+
+    Where an option cannot apply the call runs eagerly with a note (printed once per reason): CUDA graphs need a
+    CUDA device and an all-masked start (no init_codes / keep / return_trajectory); compile off a CUDA device
+    runs only when a `backend` is named (e.g. "eager" or "aot_eager" on the CPU, for tests).
+
+    A graph reads the model's parameters at their addresses: weights changed in place (load_state_dict, an
+    optimizer step) are seen, parameters replaced or moved are not: call `reset()` after that.
+    """
+
+    def __init__(self, compile: bool = False, cuda_graphs: bool = False, *, backend: str | None = None,
+                 mode: str | None = None, dynamic: bool | None = None, warmup: int = 2, note=None):
+        self.compile, self.cuda_graphs = compile, cuda_graphs
+        self.backend, self.mode, self.dynamic, self.warmup = backend, mode, dynamic, warmup
+        self._note_fn = note or (lambda message: print(f"note: {message}", file=sys.stderr, flush=True))
+        self._noted: set[str] = set()
+        self._forwards: dict[int, tuple] = {}
+        self._graphs: dict[tuple, _Graph] = {}
+
+    def reset(self) -> None:
+        """Forget every compiled forward and captured graph."""
+        self._forwards.clear()
+        self._graphs.clear()
+
+    def note(self, message: str) -> None:
+        if message not in self._noted:
+            self._noted.add(message)
+            self._note_fn(message)
+
+    def forward_model(self, model):
+        """The model as the sampler sees it: with compiled forwards when compile applies on its device."""
+        if not self.compile:
+            return model
+        device = next(model.parameters()).device
+        if device.type != "cuda" and self.backend is None:
+            self.note(f"compile: skipped on {device.type} (no backend named): sampling runs eagerly")
+            return model
+        cached = self._forwards.get(id(model))
+        if cached is None or cached[0] is not model:
+            options = {k: v for k, v in (("backend", self.backend), ("mode", self.mode)) if v is not None}
+            proxy = _CompiledForward(model, lambda fn: torch.compile(fn, dynamic=self.dynamic, **options))
+            cached = self._forwards[id(model)] = (model, proxy)
+        return cached[1]
+
+    @torch.no_grad()
+    def __call__(self, model, batch_size: int | None = None, labels: Tensor | None = None,
+                 config: SamplerConfig | None = None, *, init_codes: Tensor | None = None, keep: Tensor | None = None,
+                 generator: torch.Generator | None = None, return_trajectory: bool = False):
+        config = config or SamplerConfig()
+        forward = self.forward_model(model)
+        if self.cuda_graphs:
+            device = next(model.parameters()).device
+            if device.type != "cuda":
+                self.note(f"cuda_graphs: skipped on {device.type} (CUDA graphs need a CUDA device): sampling runs "
+                          "eagerly")
+            elif init_codes is not None or keep is not None or return_trajectory:
+                self.note("cuda_graphs: skipped for init_codes / keep / return_trajectory (the graph starts from "
+                          "an all-masked grid and keeps no trajectory): those calls run eagerly")
+            else:
+                return self._replay(model, forward, batch_size, labels, config, generator, device)
+        return sample(forward, batch_size, labels, config, init_codes=init_codes, keep=keep, generator=generator,
+                      return_trajectory=return_trajectory)
+
+    def _replay(self, model, forward, batch_size, labels, config: SamplerConfig, generator, device) -> Tensor:
+        b, labels = _check_call(model, batch_size, labels, config, None, device)
+        autocast = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        key = (id(model), str(device), b, labels is None, tuple(vars(config).items()), autocast, forward is model)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(model, forward, b, labels, config, device)
+        if labels is not None:
+            entry.labels.copy_(labels)
+        _draw_uniforms(entry.plan, b, model.seq_len, device, generator, out=entry.uniforms)
+        entry.graph.replay()
+        return entry.out.clone()
+
+    def _capture(self, model, forward, b: int, labels: Tensor | None, config: SamplerConfig, device) -> _Graph:
+        n = model.seq_len
+        plan = _plan(model, config, torch.zeros(b, n, dtype=torch.bool, device=device), device)
+        static_labels = None if labels is None else labels.clone()
+        static_u = torch.full((sum(1 for w in plan.work if w), 2, b, n), 0.5, device=device)
+        was_training = model.training
+        model.eval()
+        try:
+            graph, out = capture_cuda_graph(lambda: _run_fixed(forward, config, plan, static_labels, static_u),
+                                            device, warmup=self.warmup)
+        finally:
+            model.train(was_training)
+        return _Graph(graph, plan, static_labels, static_u, out)
+
+
+def capture_cuda_graph(fn, device, warmup: int = 2):
+    """(graph, output): fn() captured in a CUDA graph after `warmup` calls on a side stream; graph.replay() reruns
+    it, writing the same output tensor(s).
+
+    Under autocast the capture runs with autocast's weight-cast cache off: a cached bf16 copy of a weight made
+    outside the capture would be freed when the caller's autocast region ends, while the graph still read it; with
+    the cache off the casts are part of the graph, and they follow weights changed in place."""
+    kind = torch.device(device).type
+    if torch.is_autocast_enabled(kind):
+        context = lambda: torch.autocast(kind, dtype=torch.get_autocast_dtype(kind), cache_enabled=False)  # noqa: E731
+    else:
+        context = contextlib.nullcontext
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with context():
+        with torch.cuda.stream(side):  # allocator, cuBLAS workspaces, compilation: before the capture
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+    return graph, out

@@ -102,3 +102,68 @@ def train_maskgit_module():
     import maskgit.train
 
     return maskgit.train
+
+
+HF_COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the commit hash fill_hf_cache files repositories under
+
+
+def fill_hf_cache(cache: Path, repo_id: str, files: dict) -> None:
+    """Lay out `files` ({path in repo: bytes}) as huggingface_hub's cache does: snapshots/<commit>/, refs/main."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    for name, data in files.items():
+        path = repo / "snapshots" / HF_COMMIT / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(HF_COMMIT)
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache (HF_HUB_CACHE) for this test, with the working directory inside it."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf_hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # huggingface_hub reads it at import
+    monkeypatch.chdir(cache)  # no local folder named like the repos
+    return cache
+
+
+@pytest.fixture
+def hf_offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 for this test (also where huggingface_hub read it at import)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def tiny_diffusers_vqmodel(seed: int, **extra):
+    """A small random diffusers VQModel (f=2: 16 px -> 8x8 codes, 64 codes of dimension 4), in eval mode."""
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+
+    torch.manual_seed(seed)
+    model = diffusers.VQModel(
+        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, num_vq_embeddings=64,
+        norm_num_groups=8, sample_size=16, **extra)
+    with torch.no_grad():  # upstream's init is a tiny uniform codebook; spread it so many codes are used
+        model.quantize.embedding.weight.normal_()
+    return model.eval()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_image_cache(tmp_path_factory):
+    """Image caches (core.image_cache, `--image-cache auto`) go to a temporary folder, never to ~/.cache, for the
+    tests in this process and the scripts they start (script_env copies os.environ)."""
+    folder = tmp_path_factory.mktemp("image_cache")
+    previous = os.environ.get("MASKGIT_IMAGE_CACHE_DIR")
+    os.environ["MASKGIT_IMAGE_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("MASKGIT_IMAGE_CACHE_DIR", None)
+    else:
+        os.environ["MASKGIT_IMAGE_CACHE_DIR"] = previous

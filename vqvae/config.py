@@ -170,6 +170,16 @@ VQ_PRESETS: dict[str, tuple[VQConfig, VQTrainConfig]] = {
             perceptual_weight=1.0, disc_weight=0.5, disc_start=20_000, disc_adaptive=False, num_rfid_images=1000,
         ),
     ),
+    # ImageNet (or a photo folder) at 64 px, f=4 -> 16x16 codes: the cifar10 recipe with 8192 codes.
+    "imagenet64": (
+        VQConfig(image_size=64, downsample=4, channels=128, max_channels=256, num_res_blocks=2, norm_groups=32,
+                 latent_dim=8, codebook_size=8192, codebook_l2_norm=True),
+        VQTrainConfig(
+            steps=200_000, batch_size=256, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95), warmup_steps=2000,
+            eval_every=5000, save_every=10_000, num_eval_images=1000, mixed_precision="bf16", num_workers=8,
+            perceptual_weight=1.0, disc_weight=0.5, disc_start=20_000, disc_adaptive=False, num_rfid_images=5000,
+        ),
+    ),
     # ImageNet at 256 px, f=16 -> 16x16 codes: LlamaGen's VQ-16 recipe (FoundationVision/LlamaGen, vq_train.py;
     # reported rFID 2.19 on ImageNet val with 16x16 codes): 16384 l2-normalised codes of dimension 8, MSE + LPIPS 1.0
     # + PatchGAN hinge 0.5 from step 20k, commitment 0.25, AdamW lr 1e-4 (0.9, 0.95) wd 0.05, global batch 128,

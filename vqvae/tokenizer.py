@@ -37,6 +37,7 @@ __all__ = [
     "TokenizerSourceError",
     "load_tokenizer_from",
     "sha256_of",
+    "tokenizer_from_source",
 ]
 
 KINDS = ("own", "diffusers", "llamagen")
@@ -467,3 +468,27 @@ def load_tokenizer_from(
     return LlamaGenTokenizer.from_checkpoint(checkpoint, device=device, checkpoint_key=checkpoint_key,
                                              config=llamagen_config,
                                              source={**place.describe(), "filename": name})
+
+
+def tokenizer_from_source(source: dict, *, device="cpu") -> Tokenizer:
+    """Load again the tokenizer a `Tokenizer.source` record describes (as a stage-2 run stores it), pinned to the
+    Hub commit it was first loaded at, and check that its weights are byte for byte the same (sha256)."""
+    if not isinstance(source, dict) or "kind" not in source:
+        raise TokenizerSourceError(f"not a tokenizer source record: {source!r}")
+    kind = source["kind"]
+    hub = source.get("location") == "hub"
+    where = source.get("repo_id") if hub else source.get("path")
+    if not where:
+        raise TokenizerSourceError(f"the tokenizer record names no path or repo: {source!r}")
+    options = {"kind": kind, "device": device, "filename": source.get("filename")}
+    if hub:
+        options |= {"subfolder": source.get("subfolder"), "revision": source.get("commit") or source.get("revision")}
+    if kind == "diffusers" and source.get("pixel_range"):
+        options["pixel_range"] = tuple(source["pixel_range"])
+    if kind == "llamagen":
+        options |= {"checkpoint_key": source.get("checkpoint_key"), "llamagen_config": source.get("config")}
+    tokenizer = load_tokenizer_from(where, **options)
+    if source.get("weights_sha256") and tokenizer.source.get("weights_sha256") != source["weights_sha256"]:
+        raise TokenizerSourceError(f"the tokenizer at {where} is not the one recorded: its weights changed "
+                                   f"(recorded sha256 {source['weights_sha256']}, now {tokenizer.source.get('weights_sha256')})")
+    return tokenizer

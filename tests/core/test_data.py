@@ -138,10 +138,10 @@ def test_corrupt_files_are_skipped_with_one_warning_naming_them(tmp_path):
     corrupt = {"bad.png", "empty.jpg", "text.webp", "truncated.jpg"}
 
     seen, kept = [], set()
-    for split in ("train", "test"):
+    for split in ("train", "test"):  # verify=True (--verify-images): found up front, as before streaming
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            ds = load_dataset(str(tmp_path), S, split)
+            ds = load_dataset(str(tmp_path), S, split, verify=True)
         messages = [str(m.message) for m in w]
         assert len(messages) <= 1, messages  # one warning per load, not one per file
         seen += messages
@@ -196,14 +196,14 @@ def test_class_subfolders_give_sorted_labels(tmp_path):
             noise_png(sub / f"{i}.png", seed=i)
     (tmp_path / ".hidden").mkdir()
     noise_png(tmp_path / ".hidden" / "x.png")  # hidden folders are not classes
-    (tmp_path / "notes").mkdir()  # a folder without images is not a class either
+    (tmp_path / "notes").mkdir()  # a class folder without images stays a class (warned): indices never shift
     noise_png(tmp_path / "loose.png")  # ignored beside class folders, with a warning
     with pytest.warns(UserWarning, match="loose.png"):
         train = load_dataset(str(tmp_path), S, "train")
     with pytest.warns(UserWarning):
         test = load_dataset(str(tmp_path), S, "test")
     for ds in (train, test):
-        assert ds.classes == sorted(layout) and ds.num_classes == 3
+        assert ds.classes == sorted([*layout, "notes"]) and ds.num_classes == 4
         for i, path in enumerate(ds.paths):
             assert ds[i][1] == ds.classes.index(path.split("/")[0])
     assert len(train) + len(test) == sum(layout.values())

@@ -131,9 +131,7 @@ def _prepared(acc, in_features=6, out_features=5):
     model = nn.Linear(in_features, out_features)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model, optimizer = acc.prepare(model, optimizer)
-    state = TrainState()
-    acc.register_for_checkpointing(state)
-    return model, optimizer, state
+    return model, optimizer, TrainState()
 
 
 def _train_step(model, optimizer, state):
@@ -156,7 +154,7 @@ def _equal(a, b):
 def three_checkpoints(tmp_path, accelerator):
     """Checkpoints at steps 1, 2, 3 of a tiny model, with the weights each one holds."""
     model, optimizer, state = _prepared(accelerator)
-    checkpoints = Checkpoints(tmp_path, accelerator, keep_last=5)
+    checkpoints = Checkpoints(tmp_path, accelerator, keep_last=5, extra_state={"train_state": state})
     weights = {}
     for _ in range(3):
         _train_step(model, optimizer, state)
@@ -218,7 +216,7 @@ def test_resume_latest_falls_back_past_a_damaged_checkpoint(three_checkpoints):
         used = checkpoints.resume("latest")
     assert used.name == "step_00000002"
     assert _equal(_snapshot(model), weights[2])
-    assert state.step == 2  # the registered counters come back with the weights
+    assert state.step == 2  # the counters come back with the weights
 
 
 def test_resume_an_explicit_checkpoint(three_checkpoints):
@@ -254,7 +252,7 @@ def test_resume_fails_clearly_when_nothing_is_usable(three_checkpoints, tmp_path
 
 def test_keep_last_prunes_the_oldest(tmp_path, accelerator):
     model, optimizer, state = _prepared(accelerator)
-    checkpoints = Checkpoints(tmp_path, accelerator, keep_last=2)
+    checkpoints = Checkpoints(tmp_path, accelerator, keep_last=2, extra_state={"train_state": state})
     for _ in range(4):
         _train_step(model, optimizer, state)
         checkpoints.save(state.step)
@@ -280,8 +278,7 @@ def disk_full_beyond(nbytes: int):
 def test_a_failed_save_leaves_earlier_files_intact(tmp_path, accelerator):
     torch.manual_seed(0)
     model, _ = accelerator.prepare(nn.Linear(128, 128), torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0))
-    accelerator.register_for_checkpointing(TrainState())
-    checkpoints = Checkpoints(tmp_path, accelerator, keep_last=3)
+    checkpoints = Checkpoints(tmp_path, accelerator, keep_last=3, extra_state={"train_state": TrainState()})
     checkpoints.save(1)
     save_weights(model, tmp_path / "model.safetensors")
     reference = _snapshot(model)
@@ -483,7 +480,7 @@ def test_check_finite_and_message(tmp_path, accelerator):
     assert not check_finite(torch.tensor(float("nan")), accelerator)
     assert not check_finite(torch.tensor(float("-inf")), accelerator)
     model, optimizer, state = _prepared(accelerator)
-    checkpoints = Checkpoints(tmp_path, accelerator, keep_last=2)
+    checkpoints = Checkpoints(tmp_path, accelerator, keep_last=2, extra_state={"train_state": state})
     # `step` counts completed updates, so the failing update is the next one
     assert "step 8" in nonfinite_message(torch.tensor(float("nan")), 7, checkpoints)
     checkpoints.save(3)

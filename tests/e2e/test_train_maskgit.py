@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 from PIL import Image
+from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file
 
 import maskgit
@@ -59,9 +60,8 @@ def changed(before, after) -> set[str]:
 
 
 def ema_in_checkpoint(checkpoint) -> dict:
-    """The EMA weights saved in a resume checkpoint (the AveragedModel registered for checkpointing)."""
-    state = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=True)
-    return {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
+    """The EMA weights saved in a resume checkpoint (ema.safetensors, in the run folder's own format)."""
+    return load_file(checkpoint / "ema.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +336,7 @@ def test_config_errors(reference_run, vq_run, mg_args, tmp_path, train_maskgit_m
 
     # the two stages' folders swapped
     message = main_error(train_maskgit_module, capsys, "--vq", run, "--out", tmp_path / "new")
-    assert "'maskgit' run, expected a 'vqvae' run" in message
+    assert "is a stage-2 (MaskGIT transformer) run, not a tokenizer" in message and "stage-1" in message
     assert not (tmp_path / "new").exists()
     with pytest.raises(RunFolderError, match="'vqvae' run, expected a 'maskgit' run"):
         maskgit.load_maskgit(vq_run)
@@ -378,7 +378,7 @@ def test_two_processes(mg_args, tiny_labelled_images, tmp_path):
         assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}
         assert verify_checkpoint(checkpoint) is None
         # masks come from the global torch RNG: the processes must not draw the same ones for their shares
-        rng = [torch.load(checkpoint / f"random_states_{r}.pkl", weights_only=False)["torch_manual_seed"]
+        rng = [accelerate_load(checkpoint / f"random_states_{r}.pkl")["torch_manual_seed"]  # weights_only=True
                for r in (0, 1)]
         assert not torch.equal(*rng), "both processes hold the same RNG state, so they drew the same masks"
     records = metrics_of(out)

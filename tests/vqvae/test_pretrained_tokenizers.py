@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file, save_model
 
+from conftest import HF_COMMIT, fill_hf_cache, tiny_diffusers_vqmodel
 from vqvae.llamagen import LLAMAGEN_VQ16, LlamaGenTokenizer, LlamaGenVQ, infer_llamagen_config, load_llamagen_weights
 from vqvae.tokenizer import OwnTokenizer, Tokenizer, TokenizerSourceError, load_tokenizer_from, sha256_of
 
@@ -116,22 +117,10 @@ def test_image_size_not_divisible(reference, tmp_path):
 # diffusers VQModel
 
 
-def _tiny_vqmodel(seed: int, **extra):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(seed)
-    model = diffusers.VQModel(
-        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, num_vq_embeddings=64,
-        norm_num_groups=8, sample_size=16, **extra)
-    with torch.no_grad():  # upstream's init is a tiny uniform codebook; spread it so many codes are used
-        model.quantize.embedding.weight.normal_()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def diffusers_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("diffusers_vq")
-    model = _tiny_vqmodel(0)
+    model = tiny_diffusers_vqmodel(0)
     model.save_pretrained(folder)
     return folder, model
 
@@ -172,7 +161,7 @@ def test_diffusers_matches_diffusers(diffusers_folder):
 
 
 def test_diffusers_lookup_from_codebook_and_pixel_range(tmp_path):
-    model = _tiny_vqmodel(1, lookup_from_codebook=True)  # aMUSEd-style: decode() takes indices
+    model = tiny_diffusers_vqmodel(1, lookup_from_codebook=True)  # aMUSEd-style: decode() takes indices
     model.save_pretrained(tmp_path)
     tok = load_tokenizer_from(tmp_path, pixel_range=(0, 1))
     images = _images()
@@ -183,47 +172,27 @@ def test_diffusers_lookup_from_codebook_and_pixel_range(tmp_path):
     torch.testing.assert_close(out, (decoded_requantized * 2 - 1).clamp(-1, 1), rtol=0, atol=1e-5)
 
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def _cache_repo(cache: Path, repo_id: str, files: dict) -> None:
-    """Lay out `files` ({path in repo: bytes}) as huggingface_hub's cache does: snapshots/<commit>/, refs/main."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    for name, data in files.items():
-        path = repo / "snapshots" / COMMIT / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
+COMMIT = HF_COMMIT
 
 
 @pytest.fixture
-def hub_cache(tmp_path, monkeypatch, diffusers_folder, reference):
+def hub_cache(tmp_path, hf_cache, diffusers_folder, reference):
     """A Hugging Face cache (HF_HUB_CACHE) holding 'acme/tiny-vq' (the diffusers model under vqvae/) and a
     'FoundationVision/LlamaGen' with the tiny LlamaGen model as vq_ds16_c2i.pt beside another checkpoint."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hub"
-    _cache_repo(cache, "acme/tiny-vq", {
+    cache = hf_cache
+    fill_hf_cache(cache, "acme/tiny-vq", {
         **{f"vqvae/{n}": (diffusers_folder[0] / n).read_bytes() for n in ("config.json",
                                                                           "diffusion_pytorch_model.safetensors")},
         "README.md": b"tiny test model\n"})
     torch.save({"model": reference["state"]}, tmp_path / "vq.pt")
-    _cache_repo(cache, "FoundationVision/LlamaGen", {"vq_ds16_c2i.pt": (tmp_path / "vq.pt").read_bytes(),
+    fill_hf_cache(cache, "FoundationVision/LlamaGen", {"vq_ds16_c2i.pt": (tmp_path / "vq.pt").read_bytes(),
                                                      "c2i_B_256.pt": b"not a tokenizer"})
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # huggingface_hub reads it at import
-    monkeypatch.chdir(cache)  # no local folder named like the repos
     return cache
 
 
 @pytest.fixture
-def offline_cache(hub_cache, monkeypatch):
+def offline_cache(hub_cache, hf_offline):
     """hub_cache, and HF_HUB_OFFLINE=1."""
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # huggingface_hub reads it at import
     return hub_cache
 
 

@@ -56,7 +56,7 @@ def train_steps(model, images, steps, lr=1e-3):
 # shapes and round trips
 
 
-@pytest.mark.parametrize("quantizer", ["vq", "fsq"])
+@pytest.mark.parametrize("quantizer", ["vq", "fsq", "lfq"])
 @pytest.mark.parametrize("downsample", [2, 4, 8])
 def test_shapes_and_code_range(quantizer, downsample):
     torch.manual_seed(0)
@@ -65,7 +65,7 @@ def test_shapes_and_code_range(quantizer, downsample):
     out = model(x)
     side = 16 // downsample
     assert model.grid_size == (side, side)
-    assert model.codebook_size == (32 if quantizer == "vq" else 5 * 3 * 3)
+    assert model.codebook_size == (5 * 3 * 3 if quantizer == "fsq" else 32)
     assert out.recon.shape == x.shape and out.recon.dtype == torch.float32
     assert out.codes.shape == (3, side, side) and out.codes.dtype == torch.int64
     assert 0 <= out.codes.min() and out.codes.max() < model.codebook_size
@@ -76,7 +76,7 @@ def test_shapes_and_code_range(quantizer, downsample):
     assert model.encode(random_images(b=1, size=32)).shape == (1, 2 * side, 2 * side)
 
 
-@pytest.mark.parametrize("quantizer", ["vq", "fsq"])
+@pytest.mark.parametrize("quantizer", ["vq", "fsq", "lfq"])
 def test_decode_of_encode_equals_eval_forward(quantizer):
     torch.manual_seed(0)
     model = VQVAE(small_config(quantizer=quantizer))
@@ -141,7 +141,8 @@ def test_state_dict_round_trip_gives_same_codes():
         (dict(codebook_size=1), "codebook_size"),
         (dict(fsq_levels=(8, 2, 8)), "fsq_levels"),
         (dict(fsq_levels=()), "fsq_levels"),
-        (dict(quantizer="lfq"), "quantizer"),
+        (dict(quantizer="rvq"), "quantizer"),
+        (dict(quantizer="lfq", codebook_size=48), "power of 2"),
         (dict(recon_loss="lpips"), "recon_loss"),
         (dict(channels=24, norm_groups=32), "channels"),
         (dict(channels=64, max_channels=32), "max_channels"),
