@@ -167,3 +167,34 @@ def private_image_cache(tmp_path_factory):
         os.environ.pop("MASKGIT_IMAGE_CACHE_DIR", None)
     else:
         os.environ["MASKGIT_IMAGE_CACHE_DIR"] = previous
+
+
+def table_rows(text: str, header_start: str) -> list[list[str]]:
+    """Cells of the Markdown table whose header row starts with `header_start` (the separator row dropped)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+OLD_RUNS = REPO / "tests" / "fixtures" / "runs_format_v1"  # a tiny stage-1 + stage-2 pair from an earlier release
+
+
+@pytest.fixture
+def old_runs(tmp_path) -> Path:
+    """tests/fixtures/runs_format_v1 copied to tmp_path, the stage-2 run pointed at its tokenizer's new place
+    (the folders moved: what the error message tells users to do)."""
+    import json
+    import shutil
+
+    root = tmp_path / "runs"
+    shutil.copytree(OLD_RUNS, root)
+    config_path = root / "maskgit" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["data"]["vq_run"] = str(root / "vq")
+    config_path.write_text(json.dumps(config, indent=2))
+    return root

@@ -10,20 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import run_script, table_rows
 from vqvae.config import VQ_PRESETS
-
-
-def table_rows(text: str, header_start: str) -> list[list[str]]:
-    """Cells of the Markdown table whose header row starts with `header_start` (the separator row dropped)."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows
 
 
 def number(cell: str) -> float:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import vq_gan
-from conftest import run_script
+from conftest import run_script, table_rows
 
 
 def checkerboard(size: int, amplitude: float) -> torch.Tensor:
@@ -54,17 +54,6 @@ def test_sharpness_is_a_ratio_of_totals():
     sharp = checkerboard(8, 0.4)
     ratio = vq_gan.sharpness(torch.cat([flat_b, sharp]), torch.cat([flat_a, sharp]))
     assert 1.0 < ratio < 1.01  # the speck barely moves the total
-
-
-def table_rows(text: str, header_start: str) -> list[list[str]]:
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows
 
 
 @pytest.mark.slow  # three subprocesses (the bench and two 6-step trainings at 64 px): ~30-60 s on 2 busy cores

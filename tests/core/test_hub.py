@@ -14,18 +14,14 @@ from core import publish_cli
 from core.hub import HubError, fetch_run, looks_like_repo_id, publish
 from maskgit import load_maskgit
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "runs_format_v1"  # a tiny stage-1 + stage-2 pair
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def runs(tmp_path) -> Path:
-    root = tmp_path / "runs"
-    shutil.copytree(FIXTURE, root)
+def runs(old_runs) -> Path:
+    root = old_runs
     config_path = root / "maskgit" / "config.json"
     config = json.loads(config_path.read_text())
-    config["data"]["vq_run"] = str(root / "vq")
     config["data"]["command"] = ["train_maskgit.py", "--vq", "runs/vq", "--out", "runs/maskgit"]
     config_path.write_text(json.dumps(config))
     return root

@@ -10,8 +10,6 @@ sampling takes discrete choices, where a last-bit difference between torch relea
 """
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,21 +20,7 @@ from maskgit import load_maskgit
 from maskgit import sample_cli
 from vqvae import load_tokenizer
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "runs_format_v1"
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def old_runs(tmp_path) -> Path:
-    """The fixture copied to tmp_path, with the stage-2 run pointed at its tokenizer's new place."""
-    root = tmp_path / "runs"
-    shutil.copytree(FIXTURE, root)
-    config_path = root / "maskgit" / "config.json"
-    config = json.loads(config_path.read_text())
-    config["data"]["vq_run"] = str(root / "vq")  # the folders moved: what the error message tells users to do
-    config_path.write_text(json.dumps(config, indent=2))
-    return root
 
 
 def test_old_tokenizer_decodes_and_encodes_as_it_did(old_runs):
