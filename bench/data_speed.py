@@ -16,7 +16,8 @@ of its first optimizer step (the step function is wrapped to report and stop):
   of 32) against a bare loop of PIL open + draft + ADM resize/crop over the same files in one process (the
   ceiling per worker), page cache warm;
 - token-cache encoding (`maskgit.token_cache.encoded_splits`) of the smallest folder by 1 process and by 2
-  (`accelerate launch --multi_gpu --num_processes 2`, gloo on the CPU).
+  (`accelerate launch --multi_gpu --num_processes 2`, gloo on the CPU), against the tokenizer alone (`vq.encode`
+  of both views of random batches in this process: the ceiling of one process).
 
 Targets (PASS/FAIL): peak RSS growth smallest -> largest <= 10%; time to first step smallest -> largest <= 2x;
 loader >= 90% of the bare loop per worker; 2-process encode >= 1.7x one process.
@@ -42,7 +43,9 @@ from common import REPO, fmt, markdown_table, usable_cores
 
 import torch  # noqa: E402  (after common, which puts the repo on sys.path)
 
-# a tokenizer this narrow costs little next to the data at 256 px (the subject here is the data path, not models)
+# a narrow tokenizer, so that training steps cost little next to the data (the subject here is the data path, not
+# models); encoding is another matter: 0.39 GFLOP per 256-px view (8 channels at full resolution), ~30 ms a view
+# on one core, 20x the ~3 ms decode of an image, so the encode is timed against the tokenizer alone (docs/data.md)
 TINY_VQ = ["--channels", "8", "--max-channels", "16", "--norm-groups", "4", "--num-res-blocks", "1",
            "--latent-dim", "4", "--codebook-size", "64", "--kmeans-iters", "1", "--warmup-steps", "1",
            "--batch-size", "8", "--num-eval-images", "8"]
@@ -206,6 +209,22 @@ if acc.is_main_process:
 """
 
 
+def forward_time(vq_run: Path, image_size: int, images: int) -> dict:
+    """The encode's ceiling: `vq.encode` of both flip views of random batches of the encode's batch size."""
+    from maskgit.token_cache import encode_batch_size, make_views
+    from vqvae import load_tokenizer
+
+    vq = load_tokenizer(vq_run)
+    batch = torch.rand(encode_batch_size(image_size), 3, image_size, image_size) * 2 - 1
+    vq.encode(batch)  # first-call set-up is not throughput
+    start, count = time.perf_counter(), 0
+    while count < images:
+        for view in make_views(batch, "flip", image_size):
+            vq.encode(view)
+        count += len(batch)
+    return {"encode_s": time.perf_counter() - start, "items": count}
+
+
 def encode_time(vq_run: Path, folder: Path, cache: Path, image_size: int, processes: int) -> dict:
     shutil.rmtree(cache, ignore_errors=True)
     launch = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
@@ -319,9 +338,11 @@ def main(argv=None) -> None:
         folders.update(make_folders(args.root, [encode_n], size))
     one = encode_time(vq_run, folders[encode_n], args.root / "encode" / "p1", size, 1)
     two = encode_time(vq_run, folders[encode_n], args.root / "encode" / "p2", size, 2)
+    alone = forward_time(vq_run, size, min(64, one["items"]))
     print("\n" + markdown_table(["token-cache encode", "items", "seconds", "items/s"],
-                                [[f"{p} process{'es' if p > 1 else ''}", r["items"], fmt(r["encode_s"]),
-                                  fmt(r["items"] / r["encode_s"])] for p, r in ((1, one), (2, two))]))
+                                [[name, r["items"], fmt(r["encode_s"]), fmt(r["items"] / r["encode_s"])]
+                                 for name, r in (("1 process", one), ("2 processes", two),
+                                                 ("tokenizer alone, 1 process (2 views)", alone))]))
 
     print()
     for stage, table in (("stage 1", {n: stage1[n] for n in args.sizes}),

@@ -9,18 +9,24 @@
 (A) `train_vq.py --preset tiny`: held-out PSNR >= 25 dB and codebook usage >= 50% at the run's last evaluation,
 within 3 CPU-minutes.
 (B) `train_maskgit.py --preset tiny` (class-conditional) on that tokenizer, then `sample.py` at 8 steps, balanced
-over the classes: >= 90% of the samples recognised as the class they were asked for by the judge of
-bench/judge.py (a CNN trained on the real training images only, at their own resolution, without mirror images),
-with both stages, encoding and sampling together within 10 CPU-minutes.
+over the classes, with the sampling defaults the run measured at the end of its training ("default") and at
+the --cfg scales given: >= 95% of the samples recognised as the class they were asked for by the judge of
+bench/judge.py (a CNN trained on the real training images only, at their own resolution, without mirror images)
+at the defaults, >= 98% at the best setting, the judge's Frechet distance at the defaults within 3x the
+real-vs-real floor, and both stages, encoding and sampling together within 10 CPU-minutes.
 
-CPU time is the user+sys time of the child processes (getrusage), the fair figure on a shared machine; wall time
+On the digits stage 2 gets `--token-views none` (DATA_ARGS): a mirrored digit is not a digit, and the mirrored
+copies of the default token cache cost about 30 points of class accuracy (docs/recipes.md).
+
+CPU time is the user+sys time of each child process (wait4's rusage), the fair figure on a shared machine; wall time
 is printed too. The children run with --threads intra-op threads (default 1): on a busy machine extra threads
 spin while they wait for each other, which costs CPU time without saving wall time.
 
 The judge (docs/judges.md) also reports the worst class, a Frechet distance in its features with the real-vs-real
 floor beside it, precision and recall (k-NN manifolds) with their floors, and the class accuracy of a differently
-built cross-check (an RBF SVM on 8x8 pixels). Both stages train on horizontally mirrored copies as well as the
-originals, but the judge does not: a mirrored 3 is not a 3, and a sample that comes out mirrored counts as wrong.
+built cross-check (an RBF SVM on 8x8 pixels). Stage 1 trains on horizontally mirrored copies as well as the
+originals (a tokenizer only has to reconstruct them), the judge does not: a sample that comes out mirrored counts
+as wrong.
 
 Everything lands in --work (default: a new temporary folder): digits/, logs/, vq/, maskgit/, samples_cfg*/.
 The run folders vq/, maskgit/ and samples_cfg*/ there are replaced on every run.
@@ -31,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import shutil
 import subprocess
@@ -47,12 +52,33 @@ from common import REPO, cpu_model, fmt, markdown_table, usable_cores, verdict
 from judge import Judge, binomial_std, load_real
 
 TARGET_PSNR, TARGET_USAGE, TARGET_VQ_CPU_S = 25.0, 0.5, 180.0
-TARGET_ACCURACY, TARGET_TOTAL_CPU_S = 0.9, 600.0
+# (B) targets: recognised at the run's measured sampling defaults and at the best setting tried; any other
+# setting is held to the default's bar; FD at the defaults within 3x the real-vs-real floor
+TARGET_DEFAULT_ACCURACY, TARGET_BEST_ACCURACY, TARGET_FD_RATIO = 0.95, 0.98, 3.0
+TARGET_ACCURACY, TARGET_TOTAL_CPU_S = TARGET_DEFAULT_ACCURACY, 600.0
 SAMPLE_STEPS = 8
 QUICK_VQ = ["--steps", "20", "--eval-every", "10", "--save-every", "20", "--warmup-steps", "5"]
 QUICK_MG = ["--steps", "20", "--eval-every", "10", "--sample-every", "20", "--save-every", "20",
-            "--warmup-steps", "5"]
+            "--warmup-steps", "5", "--tune-samples", "10", "--tune-temperatures", "1"]
+DATA_ARGS = {"digits": ["--token-views", "none"]}  # stage-2 arguments a dataset needs (see the docstring)
 QUICK_JUDGE_STEPS = 30  # --quick: a judge that runs, not one that judges well
+
+
+def sampling_setting(text: str) -> str:
+    """'default' or a guidance scale, kept as the label it is printed with."""
+    return text if text == "default" else f"{float(text):g}"
+
+
+def sampling_flags(setting: str) -> list[str]:
+    return [] if setting == "default" else ["--cfg", setting]
+
+
+def used_settings(mg_run: dict, setting: str) -> str:
+    """What sample.py used for a setting: the measured defaults are read back from the run's config.json."""
+    if setting != "default":
+        return f"cfg {setting}"
+    sampling = mg_run.get("sampling") or {}
+    return f"default: cfg {sampling.get('cfg', 0):g}, temperature {sampling.get('temperature', 1):g}"
 
 
 def parse_args(argv=None):
@@ -64,7 +90,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="OMP/MKL threads of the training and sampling processes (0: leave them unset)")
     p.add_argument("--per-class", type=int, default=50, help="samples per class")
-    p.add_argument("--cfg", type=float, nargs="+", default=[0.0, 3.0], help="guidance scales to sample with")
+    p.add_argument("--cfg", nargs="+", default=["default", "0", "3"], type=sampling_setting,
+                   help="guidance scales to sample with; 'default': the run's measured sampling defaults "
+                        "(sample.py without --cfg/--temperature)")
     p.add_argument("--judge-steps", type=int, default=None,
                    help="updates of the judge's CNN (batches of 128; default: judge.DEFAULT_STEPS)")
     p.add_argument("--seed", type=int, default=0, help="seed of the judge")
@@ -88,12 +116,14 @@ class Child:
     def run(self, name: str, args: list[str]) -> tuple[float, float]:
         """(wall s, CPU s) of `python args...` run from the repository root; exits with its log tail on failure."""
         log = self.logs / f"{name}.log"
-        before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+        start = time.perf_counter()
         with open(log, "w") as fh:
-            rc = subprocess.run([sys.executable, *args], cwd=REPO, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL).returncode
-        wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=self.env, stdout=fh,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            # this child's own rusage (with its children), so runs in parallel threads are timed apart
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = rc = os.waitstatus_to_exitcode(status)
+        wall, cpu = time.perf_counter() - start, usage.ru_utime + usage.ru_stime
         if rc:
             tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
             raise SystemExit(f"error: {' '.join(args[:1])} failed (exit {rc}); end of {log}:\n{tail}")
@@ -138,7 +168,7 @@ def main(argv=None) -> None:
     vq_metrics = read_metrics(vq_dir)
 
     print("stage 2: train_maskgit.py --preset tiny (class-conditional)", flush=True)
-    mg_extra = (QUICK_MG if args.quick else []) + shlex.split(args.mg_args)
+    mg_extra = (QUICK_MG if args.quick else []) + DATA_ARGS.get(args.data, []) + shlex.split(args.mg_args)
     mg_wall, mg_cpu = child.run("train_maskgit", ["train_maskgit.py", "--vq", str(vq_dir), "--preset", "tiny",
                                                   "--class-cond", "true", "--out", str(mg_dir), "--cpu", *mg_extra])
     mg_last = read_metrics(mg_dir)[-1]
@@ -149,10 +179,10 @@ def main(argv=None) -> None:
     print(f"sampling: sample.py --steps {SAMPLE_STEPS}, {per_class} per class", flush=True)
     sampled = []
     for w in args.cfg:
-        out = work / f"samples_cfg{w:g}"
-        wall, cpu = child.run(f"sample_cfg{w:g}", [
+        out = work / f"samples_cfg{w}"
+        wall, cpu = child.run(f"sample_cfg{w}", [
             "sample.py", "--checkpoint", str(mg_dir), "--out", str(out), "--num", str(per_class * num_classes),
-            "--batch-size", "100", "--steps", str(SAMPLE_STEPS), "--cfg", str(w), "--class", "all", "--cpu",
+            "--batch-size", "100", "--steps", str(SAMPLE_STEPS), *sampling_flags(w), "--class", "all", "--cpu",
             *shlex.split(args.sample_args)])
         with np.load(out / "samples.npz") as npz:
             sampled.append((w, wall, cpu, npz["arr_0"], npz["labels"]))
@@ -165,7 +195,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {err}")
     judge = Judge.fit(train_x, train_y, test_x, test_y, seed=args.seed,
                       steps=args.judge_steps or (QUICK_JUDGE_STEPS if args.quick else None))
-    rows = [{"cfg": w, "wall": wall, "cpu": cpu, **judge.score(pixels, labels)}
+    rows = [{"cfg": used_settings(mg_run, w), "setting": w, "wall": wall, "cpu": cpu, **judge.score(pixels, labels)}
             for w, wall, cpu, pixels, labels in sampled]
     classes = mg_run.get("classes") or [str(c) for c in range(num_classes)]
     for r in rows:
@@ -179,7 +209,8 @@ def report(args, work, data, vq_metrics, vq_wall, vq_cpu, mg_last, mg_wall, mg_c
     threads = args.threads if args.threads > 0 else "default"
     print(f"\n## Learning check: --data {args.data}{' (quick: no targets)' if args.quick else ''}\n")
     print(f"Machine: CPU {cpu_model()} ({usable_cores()} cores usable), torch {torch.__version__}, child threads "
-          f"{threads}. Data: {data}. Overrides: vq [{args.vq_args}] maskgit [{args.mg_args}] "
+          f"{threads}. Data: {data}. Overrides: vq [{args.vq_args}] maskgit "
+          f"[{' '.join(DATA_ARGS.get(args.data, []) + [args.mg_args]).strip()}] "
           f"sample [{args.sample_args}]. Work folder: {work}\n")
     print("### (A) Stage 1: train_vq.py --preset tiny\n")
     print(markdown_table(
@@ -196,11 +227,11 @@ def report(args, work, data, vq_metrics, vq_wall, vq_cpu, mg_last, mg_wall, mg_c
     floor = judge.floor(n)
     print(f"judge (bench/judge.py): {judge.describe()}\n")
     print(markdown_table(
-        ["cfg", "samples", f"recognised (ceiling {judge.ceiling:.1%})", "worst class",
+        ["sampling", "samples", f"recognised (ceiling {judge.ceiling:.1%})", "worst class",
          f"cross-check (ceiling {judge.cross_check_ceiling:.1%})", f"FD (floor {fmt(floor['fd'])})",
          f"precision (floor {floor['precision']:.2f})", f"recall (floor {floor['recall']:.2f})",
          "sampling CPU (s)", "sampling wall (s)", "total CPU, both stages + sampling (s)"],
-        [[fmt(r["cfg"]), r["n"], f"{r['accuracy']:.1%} ± {binomial_std(r['accuracy'], r['n']):.1%}",
+        [[r["cfg"], r["n"], f"{r['accuracy']:.1%} ± {binomial_std(r['accuracy'], r['n']):.1%}",
           f"{r['worst_class']:.0%} ({r['worst_name']})", f"{r['cross_check_accuracy']:.1%}",
           fmt(r["fd"]), f"{r['precision']:.2f}", f"{r['recall']:.2f}", fmt(r["cpu"]), fmt(r["wall"]),
           fmt(vq_cpu + mg_cpu + r["cpu"])] for r in rows]))
@@ -221,12 +252,21 @@ def report(args, work, data, vq_metrics, vq_wall, vq_cpu, mg_last, mg_wall, mg_c
                   f"{vq_cpu:.0f} s CPU ({vq_wall:.0f} s wall)"))
     for r in rows:
         total = vq_cpu + mg_cpu + r["cpu"]
-        print(verdict(f"cfg {r['cfg']:g}: >= {TARGET_ACCURACY:.0%} of samples recognised as their class",
-                      r["accuracy"] >= TARGET_ACCURACY,
+        target = TARGET_DEFAULT_ACCURACY if r["setting"] == "default" else TARGET_ACCURACY
+        print(verdict(f"{r['cfg']}: >= {target:.0%} of samples recognised as their class",
+                      r["accuracy"] >= target,
                       f"{r['accuracy']:.1%} (cross-check {r['cross_check_accuracy']:.1%}; worst class "
                       f"{r['worst_class']:.0%}; FD {fmt(r['fd'])}, floor {fmt(r['fd_floor'])})"))
-        print(verdict(f"cfg {r['cfg']:g}: both stages + sampling within {TARGET_TOTAL_CPU_S / 60:g} CPU-minutes",
+        print(verdict(f"{r['cfg']}: both stages + sampling within {TARGET_TOTAL_CPU_S / 60:g} CPU-minutes",
                       total <= TARGET_TOTAL_CPU_S, f"{total:.0f} s CPU"))
+    best = max(rows, key=lambda r: r["accuracy"])
+    print(verdict(f"best setting: >= {TARGET_BEST_ACCURACY:.0%} recognised", best["accuracy"] >= TARGET_BEST_ACCURACY,
+                  f"{best['accuracy']:.1%} ({best['cfg']})"))
+    for r in rows:
+        if r["setting"] == "default":
+            print(verdict(f"sampling defaults: FD within {TARGET_FD_RATIO:g}x the real-vs-real floor",
+                          r["fd"] <= TARGET_FD_RATIO * r["fd_floor"],
+                          f"FD {fmt(r['fd'])} = {r['fd'] / r['fd_floor']:.1f}x the floor {fmt(r['fd_floor'])}"))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ def parse_args(argv=None):
                    help="sampler strategies (critic needs a model with a token critic)")
     p.add_argument("--schedules", nargs="+", default=["cosine", "linear"], help="mask schedules")
     p.add_argument("--cfg", type=float, nargs="+", default=[0.0, 1.0, 3.0], help="guidance scales")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="token temperature of every setting (default: the run's measured sampling default, else 1)")
     p.add_argument("--full", action="store_true", help="every combination instead of one factor at a time")
     p.add_argument("--batch", type=int, default=250, help="samples per generate() call")
     p.add_argument("--judge-steps", type=int, default=None,
@@ -123,14 +125,14 @@ def trained_models(args, device):
     from maskgit import load_maskgit
     from vqvae import load_tokenizer
 
-    model, vq, config = load_maskgit(args.maskgit, device=device, ema=not args.raw)
+    model, vq, run = load_maskgit(args.maskgit, device=device, ema=not args.raw)
     if args.vq:
         vq = load_tokenizer(args.vq, device=device)
         if (vq.codebook_size, tuple(vq.grid_size)) != (model.codebook_size, model.grid):
             raise SystemExit(f"error: --vq {args.vq} does not match the codes {args.maskgit} was trained on")
     if model.num_classes == 0:
         raise SystemExit("error: the MaskGIT run is unconditional: class accuracy needs a class-conditional model")
-    return model, vq, config["data"], list(config["classes"])
+    return model, vq, {**run.data, "sampling": run.config.get("sampling")}, list(run.classes)
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -165,8 +167,9 @@ def generate(model, vq, setting: dict, num: int, num_classes: int, batch: int, s
     for chunk in labels.split(batch):
         with autocast(device):
             codes = model.generate(labels=chunk.to(device), steps=setting["steps"], strategy=setting["strategy"],
-                                   schedule=setting["schedule"], cfg=setting["cfg"], generator=gen)
-            images.append(vq.decode(codes.view(len(chunk), *vq.grid_size)).float().clamp(-1, 1).cpu())
+                                   schedule=setting["schedule"], cfg=setting["cfg"], generator=gen,
+                                   temperature=setting["temperature"], temperature_end=setting["temperature"])
+            images.append(vq.decode(codes.view(len(chunk), *model.grid)).float().clamp(-1, 1).cpu())
     return torch.cat(images), labels.numpy()
 
 
@@ -202,6 +205,8 @@ def main(argv=None):
         args.maskgit = str(train_tiny(Path(args.workdir), args.quick, args.threads))
     model, vq, data, classes = untrained_models(device, args.quick) if args.untrained else trained_models(args, device)
     num_classes = len(classes)
+    if args.temperature is None:
+        args.temperature = float((data.get("sampling") or {}).get("temperature", 1.0))
 
     small = 400 if args.quick else None
     t0 = time.perf_counter()
@@ -224,6 +229,7 @@ def main(argv=None):
 
     rows = []
     for setting in settings(args, model.has_critic):
+        setting["temperature"] = args.temperature
         print(f"sampling {setting}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         images, labels = generate(model, vq, setting, args.num, num_classes, args.batch, args.seed, device)
@@ -249,7 +255,8 @@ def main(argv=None):
     table.append([f"*tokenizer reconstructions of {recon_score['n']} real training images*", "-", "-", "-",
                   *cells(recon_score), "-"])
     print("\n".join([
-        f"## Sample quality on `{data['data']}` ({source}), {args.num} class-conditional samples per setting", "",
+        f"## Sample quality on `{data['data']}` ({source}), {args.num} class-conditional samples per setting, "
+        f"token temperature {args.temperature:g}", "",
         machine_line(device), "",
         f"Judge (bench/judge.py, {judge_seconds:.0f} s to build with data): {judge.describe()}.", "",
         "Class accuracy: share of samples the CNN assigns to the class they were asked for (± binomial std); the "

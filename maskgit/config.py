@@ -8,6 +8,8 @@ from core.train import TrainConfig
 from .schedules import SCHEDULES
 
 CRITICS = ("none", "self", "separate")
+CLASS_CONDS = ("token", "adaln")
+POSITIONS = ("sincos", "rope2d")
 TRAIN_CRITIC = ("joint", "separate")
 
 
@@ -23,7 +25,11 @@ class MaskGITConfig:
     heads: int = 8                     # attention heads (head dim = dim / heads)
     ff_mult: int = 4                   # feed-forward hidden width = ff_mult * dim
     dropout: float = 0.1               # attention and feed-forward dropout
+    ff_glu: bool = False               # SwiGLU feed-forward (x-transformers ff_glu + ff_swish) instead of GELU
+    qk_norm: bool = False              # QK-norm: l2-normalised queries and keys with a learned scale
+    positions: str = "sincos"          # "sincos": 2D sin-cos table added to the input; "rope2d": axial 2D rotary
     class_cond: bool = True            # condition on dataset labels (needs a labelled dataset); False: unconditional
+    class_cond_mode: str = "token"     # "token": a prepended class token; "adaln": adaptive LayerNorm in every block
     cond_drop_prob: float = 0.1        # training: fraction of labels replaced by the null class (for CFG)
     schedule: str = "cosine"           # mask schedule m(t) for training (and the default for sampling)
     label_smoothing: float = 0.0       # cross-entropy label smoothing over the codebook
@@ -49,10 +55,17 @@ class MaskGITConfig:
                 raise ValueError(
                     f"{name}={width}: must be divisible by heads={self.heads} and by 4; e.g. {self.heads * 64}"
                 )
+        if self.positions == "rope2d" and (self.dim // self.heads) % 4:
+            raise ValueError(f"positions='rope2d' needs a head dim (dim / heads = {self.dim // self.heads}) "
+                             "divisible by 4")
         if self.critic_dim < 0:
             raise ValueError(f"critic_dim={self.critic_dim}: must be >= 0 (0 = same as dim)")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}: choose one of {SCHEDULES}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions={self.positions!r}: choose one of {POSITIONS}")
+        if self.class_cond_mode not in CLASS_CONDS:
+            raise ValueError(f"class_cond_mode={self.class_cond_mode!r}: choose one of {CLASS_CONDS}")
         if self.critic not in CRITICS:
             raise ValueError(f"critic={self.critic!r}: choose one of {CRITICS}")
         for name in ("dropout", "cond_drop_prob", "no_replace_prob", "random_token_prob", "self_cond_train_prob"):
@@ -94,16 +107,28 @@ class MaskGITTrainConfig(TrainConfig):
     # then trains only its head). "joint" trains both with one summed loss for `steps` updates.
     train_critic: str = "joint"        # "joint" or "separate" (ignored when the model has no critic)
     critic_steps: int = 0              # "separate": critic-only updates after the generator phase
+    # At the end of training the run scores these sampling settings on held-out data (maskgit.tune) and records
+    # the best in config.json as sample.py's defaults.
+    tune_sampling: bool = True         # measure and record sampling defaults at the end of training
+    tune_cfg: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0)  # guidance scales tried (class-conditional models)
+    tune_temperatures: tuple[float, ...] = (1.0, 0.8)   # token temperatures tried
+    tune_samples: int = 250            # samples per setting (at least 8 per class)
 
     RESUMABLE: ClassVar[frozenset] = TrainConfig.RESUMABLE | {"critic_steps", "sample_every", "num_sample_images",
-                                                              "sample_steps"}
-    POSITIVE: ClassVar[tuple] = TrainConfig.POSITIVE + ("sample_every", "sample_steps", "num_sample_images")
+                                                              "sample_steps", "tune_sampling", "tune_cfg",
+                                                              "tune_temperatures", "tune_samples"}
+    POSITIVE: ClassVar[tuple] = TrainConfig.POSITIVE + ("sample_every", "sample_steps", "num_sample_images",
+                                                        "tune_samples")
     NON_NEGATIVE: ClassVar[tuple] = TrainConfig.NON_NEGATIVE + ("critic_steps",)
 
     def validate(self):
         """Raise ValueError naming the field and the fix for any out-of-range value."""
         super().validate()
         _check_prob("ema_decay", self.ema_decay, closed_top=False)
+        if not self.tune_cfg or any(w < 0 for w in self.tune_cfg):
+            raise ValueError(f"tune_cfg={self.tune_cfg}: give one or more guidance scales >= 0")
+        if not self.tune_temperatures or any(t <= 0 for t in self.tune_temperatures):
+            raise ValueError(f"tune_temperatures={self.tune_temperatures}: give one or more temperatures > 0")
         if self.train_critic not in TRAIN_CRITIC:
             raise ValueError(f"train_critic={self.train_critic!r}: choose one of {TRAIN_CRITIC}")
         if self.train_critic == "separate" and self.critic_steps < 1:

@@ -30,6 +30,13 @@ Design choices:
 * Class condition: one prepended token (`prepend_embeds`) from our own embedding table (ids 0..C-1, null
   class C), cut off the output: a class token before the image tokens, as in MaskGIT's reference code. It works
   with any TransformerWrapper (no `embed_num_tokens` needed at construction) and with a critic of another width.
+  With a net whose Encoder has `use_adaptive_layernorm=True` the same embedding is passed as x-transformers'
+  `condition` instead (adaptive LayerNorm in every block, as DiT-style models condition); no token is prepended.
+* `positions="rope2d"`: axial 2D rotary positions instead of the added table. Half of each head's channel pairs
+  rotate with the row, half with the column (RoPE-Mixed/axial RoPE as in 2D ViTs), so attention scores depend
+  on the row and column offsets between places; a prepended class token gets angle 0. The table is handed to
+  the Encoder as a precomputed `rotary_pos_emb=(freqs, None)` (the argument its own 1D rotary fills), so any
+  Encoder works; build it without `rotary_pos_emb=True`.
 * Self-conditioning: as upstream, a no-grad first pass whose output embeddings are projected and summed into
   the input, run for the whole batch with probability `self_cond_train_prob`; "no self-conditioning" is a zero
   vector (not a learned one), so no parameter is left without a gradient in some steps (DDP-safe). The coin
@@ -60,6 +67,21 @@ def sincos_2d(h: int, w: int, dim: int) -> Tensor:
     row_emb = torch.cat((rows.sin(), rows.cos()), dim=-1)[:, None, :].expand(h, w, dim // 2)
     col_emb = torch.cat((cols.sin(), cols.cos()), dim=-1)[None, :, :].expand(h, w, dim // 2)
     return rearrange(torch.cat((row_emb, col_emb), dim=-1), "h w d -> (h w) d").float()
+
+
+def rope_2d(h: int, w: int, head_dim: int, prepended: int = 1) -> Tensor:
+    """Axial 2D rotary angles (1, prepended + h*w, head_dim), row-major, in x-transformers' interleaved pair
+    layout (channels 2i and 2i+1 share angle i): the first head_dim/4 pairs turn with the row, the rest with the
+    column; the `prepended` places (a class token) get angle 0, i.e. no rotation."""
+    if head_dim % 4:
+        raise ValueError(f"head dim {head_dim} must be divisible by 4 for 2D rotary positions")
+    quarter = head_dim // 4
+    freqs = 1.0 / (10_000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))  # (hd/4,)
+    rows = torch.arange(h, dtype=torch.float64).repeat_interleave(w)  # (h*w,) row of each place
+    cols = torch.arange(w, dtype=torch.float64).repeat(h)  # (h*w,)
+    angles = torch.cat((rows[:, None] * freqs, cols[:, None] * freqs), dim=-1)  # (h*w, hd/2)
+    angles = torch.cat((angles.new_zeros(prepended, head_dim // 2), angles))
+    return angles.repeat_interleave(2, dim=-1)[None].float()  # (1, prepended + h*w, hd)
 
 
 class GridPositions(nn.Module):
@@ -113,6 +135,8 @@ class MaskGIT(nn.Module):
         self_token_critic: bool = False,
         critic_loss_weight: float = 1.0,
         critic_temperature: float | None = None,  # None: U(0, 1) per sample, so the critic sees varied samples
+        positions: str = "sincos",
+        head_dim: int | None = None,  # needed by positions="rope2d"
     ):
         super().__init__()
         self.grid = (int(grid[0]), int(grid[1]))
@@ -131,13 +155,22 @@ class MaskGIT(nn.Module):
         self.self_cond_train_prob = self_cond_train_prob
         self.critic_loss_weight = critic_loss_weight
         self.critic_temperature = critic_temperature
+        self.positions = positions
         self._validate(net, token_critic, self_token_critic)
+        # adaptive-LayerNorm conditioning when the Encoder was built for it, else a prepended class token
+        self.adaln = bool(getattr(net.attn_layers, "need_condition", False))
 
         self.net = net
         dim, emb_dim = net.attn_layers.dim, net.emb_dim
         self.dim = dim
-        self.pos_emb = GridPositions(self.grid, emb_dim)
-        self.class_emb = self._class_embedding(emb_dim)
+        if positions == "rope2d":
+            if head_dim is None:
+                raise ValueError('positions="rope2d" needs head_dim (the attention head width)')
+            self.pos_emb = None
+            self.register_buffer("rope", rope_2d(*self.grid, head_dim), persistent=False)  # rebuilt from the grid
+        else:
+            self.pos_emb = GridPositions(self.grid, emb_dim)
+        self.class_emb = self._class_embedding(net.attn_layers.dim_condition if self.adaln else emb_dim)
         # previous embeddings (b, n, dim) -> input embeddings (b, n, emb_dim); upstream used emb_dim for both
         self.to_self_cond = nn.Linear(dim, emb_dim, bias=False) if self_cond else None
 
@@ -145,7 +178,9 @@ class MaskGIT(nn.Module):
         self.critic_head = nn.Linear(dim, 1) if self_token_critic else None
         if token_critic is not None:
             self.critic_pos_emb = GridPositions(self.grid, token_critic.emb_dim)
-            self.critic_class_emb = self._class_embedding(token_critic.emb_dim)
+            critic_layers = token_critic.attn_layers
+            self.critic_class_emb = self._class_embedding(
+                critic_layers.dim_condition if getattr(critic_layers, "need_condition", False) else token_critic.emb_dim)
         self.has_critic = token_critic is not None or self_token_critic
 
     def _validate(self, net, token_critic, self_token_critic):
@@ -177,6 +212,11 @@ class MaskGIT(nn.Module):
         if self.num_classes < 0:
             raise ValueError(f"num_classes={self.num_classes}: must be >= 0 (0 = unconditional)")
         check_schedule(self.schedule)
+        if self.positions not in ("sincos", "rope2d"):
+            raise ValueError(f"positions={self.positions!r}: choose 'sincos' or 'rope2d'")
+        if getattr(net.attn_layers, "need_condition", False) and self.num_classes == 0:
+            raise ValueError("the net uses adaptive LayerNorm but the model is unconditional: build the Encoder "
+                             "without use_adaptive_layernorm, or give num_classes")
         for name in ("cond_drop_prob", "no_replace_prob", "random_token_prob", "self_cond_train_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
@@ -198,7 +238,7 @@ class MaskGIT(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.pos_emb.scale.device
+        return self.net.token_emb.emb.weight.device
 
     # conditioning
 
@@ -219,20 +259,33 @@ class MaskGIT(nn.Module):
         return ids
 
     @staticmethod
-    def _prepend(class_emb: nn.Embedding | None, cond: Tensor | None) -> dict:
+    def _prepend(class_emb: nn.Embedding | None, cond: Tensor | None, adaln: bool = False) -> dict:
+        if class_emb is None:
+            return {}
+        if adaln:
+            return dict(condition=class_emb(cond))  # (b, dim_condition)
         # we cut the class token off the output ourselves: x-transformers' excise_prepend_embeds=True crashes
         # with return_embeddings=True (UnboundLocalError on `logits`, 2.31.10; pinned in test_upstream.py)
-        return {} if class_emb is None else dict(prepend_embeds=class_emb(cond)[:, None, :])  # (b, 1, d)
+        return dict(prepend_embeds=class_emb(cond)[:, None, :])  # (b, 1, d)
 
     def _net_kwargs(self, b: int, cond: Tensor | None, self_cond: Tensor | None) -> dict:
-        sum_embeds = self.pos_emb().expand(b, -1, -1)  # (b, n, emb_dim)
+        kwargs = self._prepend(self.class_emb, cond, self.adaln)
+        if self.pos_emb is None:
+            kwargs["rotary_pos_emb"] = (self.rope, None)
+            sum_embeds = None
+        else:
+            sum_embeds = self.pos_emb().expand(b, -1, -1)  # (b, n, emb_dim)
         if self.self_cond and self_cond is None and self.training:
             # none = zeros, which the bias-free projection maps to 0; in training we still run it, so that
             # to_self_cond is in every step's graph (DDP without find_unused_parameters)
-            self_cond = sum_embeds.new_zeros(b, self.seq_len, self.dim)
+            self_cond = self.rope.new_zeros(b, self.seq_len, self.dim) if sum_embeds is None else \
+                sum_embeds.new_zeros(b, self.seq_len, self.dim)
         if self.self_cond and self_cond is not None:
-            sum_embeds = sum_embeds + self.to_self_cond(self_cond)  # (b, n, emb_dim)
-        return dict(sum_embeds=sum_embeds, **self._prepend(self.class_emb, cond))
+            projected = self.to_self_cond(self_cond)  # (b, n, emb_dim)
+            sum_embeds = projected if sum_embeds is None else sum_embeds + projected
+        if sum_embeds is not None:
+            kwargs["sum_embeds"] = sum_embeds
+        return kwargs
 
     def _generator(self, seq: Tensor, cond: Tensor | None, self_cond: Tensor | None) -> tuple[Tensor, Tensor]:
         kwargs = self._net_kwargs(seq.shape[0], cond, self_cond)
@@ -247,7 +300,8 @@ class MaskGIT(nn.Module):
                 embeds = self.net(seq, return_embeddings=True, **self._net_kwargs(b, cond, None))
             return rearrange(self.critic_head(embeds[:, -n:]), "b n 1 -> b n")
         out = self.token_critic(
-            seq, sum_embeds=self.critic_pos_emb().expand(b, -1, -1), **self._prepend(self.critic_class_emb, cond)
+            seq, sum_embeds=self.critic_pos_emb().expand(b, -1, -1),
+            **self._prepend(self.critic_class_emb, cond, bool(getattr(self.token_critic.attn_layers, "need_condition", False))),
         )
         return rearrange(out[:, -n:], "b n 1 -> b n")
 
@@ -428,9 +482,12 @@ def build_maskgit(cfg: MaskGITConfig, *, codebook_size: int, grid: tuple[int, in
     seq_len = grid[0] * grid[1]
 
     def encoder(dim: int, depth: int) -> Encoder:
+        adaln = cfg.class_cond and cfg.class_cond_mode == "adaln"
         return Encoder(
             dim=dim, depth=depth, heads=cfg.heads, attn_dim_head=dim // cfg.heads, ff_mult=cfg.ff_mult,
             attn_dropout=cfg.dropout, ff_dropout=cfg.dropout, attn_flash=True,  # flash: PyTorch SDPA
+            ff_glu=cfg.ff_glu, ff_swish=cfg.ff_glu, attn_qk_norm=cfg.qk_norm,
+            **(dict(use_adaptive_layernorm=True, dim_condition=dim) if adaln else {}),
         )
 
     net = TransformerWrapper(
@@ -449,5 +506,5 @@ def build_maskgit(cfg: MaskGITConfig, *, codebook_size: int, grid: tuple[int, in
         mdlm_weight=cfg.mdlm_weight, no_replace_prob=cfg.no_replace_prob, random_token_prob=cfg.random_token_prob,
         self_cond=cfg.self_cond, self_cond_train_prob=cfg.self_cond_train_prob, token_critic=critic,
         self_token_critic=cfg.critic == "self", critic_loss_weight=cfg.critic_loss_weight,
-        critic_temperature=cfg.critic_temperature or None,
+        critic_temperature=cfg.critic_temperature or None, positions=cfg.positions, head_dim=cfg.dim // cfg.heads,
     )

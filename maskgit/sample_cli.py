@@ -76,8 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="which drawn tokens to keep each step: most confident, judged right by the critic, "
                         "or next in Halton order")
     s.add_argument("--schedule", choices=SCHEDULES, help="mask schedule (default: the one the model trained with)")
-    s.add_argument("--temperature", type=finite_float, default=DEFAULTS.temperature,
-                   help="softmax temperature at the first step (<= 0: argmax)")
+    s.add_argument("--temperature", type=finite_float,
+                   help="softmax temperature at the first step (<= 0: argmax; default: the run's measured "
+                        f"default, else {DEFAULTS.temperature:g})")
     s.add_argument("--temperature-end", type=finite_float, help="temperature at the last step, linearly annealed "
                                                          "(default: = --temperature, constant)")
     s.add_argument("--choice-temperature", type=finite_float, default=DEFAULTS.choice_temperature,
@@ -86,8 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Gumbel noise on the critic's scores (--sampler critic), annealed to 0")
     s.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="draw among the k likeliest codes only")
     s.add_argument("--top-p", type=finite_float, default=DEFAULTS.top_p, help="nucleus sampling mass")
-    s.add_argument("--cfg", type=finite_float, default=DEFAULTS.cfg,
-                   help="classifier-free guidance scale w: cond + w (cond - uncond); 0 = off")
+    s.add_argument("--cfg", type=finite_float,
+                   help="classifier-free guidance scale w: cond + w (cond - uncond); 0 = off (default: the run's "
+                        f"measured default, else {DEFAULTS.cfg:g})")
     s.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=DEFAULTS.cfg_schedule,
                    help="constant w, or linear from 0 at the first step to w at the last")
     s.add_argument("--remask", action="store_true", help="let later steps re-mask tokens drawn earlier")
@@ -124,18 +126,41 @@ def check_args(args) -> None:
         fail("--invert-mask needs --init-image and a region (--mask-box or --mask-image)")
 
 
+def measured_defaults(args, run: Run) -> tuple[float, float, str]:
+    """(cfg, temperature) to sample with, and where they came from: the command line, else the defaults the run
+    measured at the end of training (config.json "sampling", maskgit.tune), else SamplerConfig's."""
+    measured = run.config.get("sampling") or {}
+    cfg = args.cfg if args.cfg is not None else float(measured.get("cfg", DEFAULTS.cfg))
+    if run.config.get("num_classes", 0) == 0 and args.cfg is None:
+        cfg = DEFAULTS.cfg  # guidance needs classes
+    temperature = args.temperature if args.temperature is not None else \
+        float(measured.get("temperature", DEFAULTS.temperature))
+    if measured and (args.cfg is None or args.temperature is None):
+        source = (f"measured at the end of training ({measured.get('metric', 'FD')} on held-out data at "
+                  f"{measured.get('steps', '?')} steps; see config.json \"sampling\")")
+    elif measured:
+        source = "given on the command line"
+    else:
+        source = "built-in defaults (this run recorded no measured ones)"
+    return cfg, temperature, source
+
+
 def sampler_config(args, run: Run) -> SamplerConfig:
-    """SamplerConfig from the command line (its own validation applies); the schedule defaults to the model's."""
+    """SamplerConfig from the command line (its own validation applies); the schedule defaults to the model's,
+    guidance and temperature to the run's measured defaults."""
+    cfg, temperature, source = measured_defaults(args, run)
     try:
-        return SamplerConfig(
+        config = SamplerConfig(
             steps=args.steps, strategy=args.strategy, schedule=args.schedule or run.model["schedule"],
-            temperature=args.temperature,
-            temperature_end=args.temperature if args.temperature_end is None else args.temperature_end,
+            temperature=temperature,
+            temperature_end=temperature if args.temperature_end is None else args.temperature_end,
             choice_temperature=args.choice_temperature, critic_noise=args.critic_noise, top_k=args.top_k,
-            top_p=args.top_p, cfg=args.cfg, cfg_schedule=args.cfg_schedule, remask=args.remask,
+            top_p=args.top_p, cfg=cfg, cfg_schedule=args.cfg_schedule, remask=args.remask,
         )
     except ValueError as err:
         fail(f"sampler setting: {err}")
+    print(f"sampling with cfg {cfg:g}, temperature {temperature:g}: {source}", file=sys.stderr)
+    return config
 
 
 def read_run(path) -> Run:

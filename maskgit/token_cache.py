@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from core import sharded
 from core.data import dataset_fingerprint
+from core.images import images_per_batch
 
 CACHE_VERSION = 2  # 1: int16/int32 safetensors built by the main process; 2: sharded, memory-mapped
 TOKEN_VIEWS = ("flip", "none", "tencrop")
@@ -154,9 +155,7 @@ def open_codes(path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     return tensors["codes"], tensors["labels"], classes
 
 
-def encode_batch_size(image_size: int) -> int:
-    """Images per encoder batch: 256 at 32 px, fewer for larger images (activation memory grows with the area)."""
-    return max(16, min(256, 256 * 32 * 32 // image_size**2))
+encode_batch_size = images_per_batch  # images per encoder batch (core.images)
 
 
 def load_or_encode(cache_dir, key: str, make_dataset, vq, *, views: str, image_size: int, accelerator=None,

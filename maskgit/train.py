@@ -34,6 +34,7 @@ from .config import MASKGIT_PRESETS, MaskGITConfig, MaskGITTrainConfig, check_co
 from .model import build_maskgit
 from .token_cache import TOKEN_VIEWS
 from .token_cache import encoded_splits as encode_splits
+from .tune import describe, tune_sampling
 
 CRITIC_PARAMETERS = ("token_critic.", "critic_")  # name prefixes of the critic's own parameters
 
@@ -321,6 +322,26 @@ def train(accelerator, model, forward_model, ema, optimizer, scheduler, data_for
         if stop:
             preemption.exit(state.step, saved)
     progress.close()
+    if cfg.tune_sampling:
+        record_sampling_defaults(accelerator, ema.module if ema is not None else model, vq, held_out, cfg, run_dir,
+                                 meta, state.step)
+
+
+def record_sampling_defaults(accelerator, model, vq, held_out, cfg: MaskGITTrainConfig, run_dir: Path, meta: dict,
+                             step: int) -> None:
+    """Score cfg.tune_cfg x cfg.tune_temperatures on held-out data (maskgit.tune, main process) and store the
+    best in config.json["sampling"], where sample.py finds its defaults."""
+    if accelerator.is_main_process:
+        codes, labels = held_out
+        count = min(cfg.num_eval_images, len(codes))
+        result = tune_sampling(model, vq, codes[:count, 0].flatten(1).long(),
+                               None if labels is None else labels[:count].long(), cfgs=cfg.tune_cfg,
+                               temperatures=cfg.tune_temperatures, num_samples=cfg.tune_samples,
+                               steps=cfg.sample_steps, seed=cfg.seed)
+        accelerator.print(describe(result))
+        meta["sampling"] = result
+        write_run_config(run_dir, STAGE, **meta, step=step)
+    accelerator.wait_for_everyone()
 
 
 def run_cli(argv=None) -> None:

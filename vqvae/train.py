@@ -17,7 +17,7 @@ from core.checkpoints import Checkpoints, TrainState, start_or_resume
 from core.cli import add_config_args, add_run_args, exit_on_clear_error, fail, format_config
 from core.data import (DEFAULT_CROP_SCALE, add_data_args, as_float, canonical_data, load_dataset, loader_options,
                        random_hflip, train_loader, unreadable_images)
-from core.images import save_image_grid
+from core.images import images_per_batch, save_image_grid
 from core.lock import run_locked
 from core.metrics_log import MetricsLog, Throughput, flat_hparams
 from core.order import StepBatchSampler, step_generator
@@ -81,7 +81,7 @@ def evaluate(accelerator, model, eval_set, num_images: int, perceptual=None, num
     with accelerator.split_between_processes(list(range(count)), apply_padding=True) as mine:
         images = torch.stack([eval_set[i][0] for i in mine]).to(accelerator.device)
         recon, codes = [], []
-        for chunk in images.split(256):
+        for chunk in images.split(images_per_batch(images.shape[-1])):  # activation memory grows with the area
             with accelerator.autocast():
                 out = model(chunk)
             recon.append(out.recon.float().clamp(-1, 1))

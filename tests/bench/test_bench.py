@@ -3,6 +3,7 @@
 bench/ is importable as a folder of modules (`pythonpath = ["bench"]` in pyproject.toml), as it is for the scripts
 themselves when run as `python bench/NAME.py`."""
 
+import json
 import math
 import re
 
@@ -107,13 +108,16 @@ def test_vq_quantizers_quick_prints_both_quantizers():
 
 @pytest.mark.slow  # both tiny stages for 20 steps, sampling twice and the judge, as subprocesses: ~40-60 s
 def test_learning_quick_runs_every_step(tmp_path):
-    out = check_script(["bench/learning.py", "--quick", "--work", tmp_path, "--threads", "1", "--cfg", "3"])
+    out = check_script(["bench/learning.py", "--quick", "--work", tmp_path, "--threads", "1", "--cfg", "default",
+                        "3"])
     assert "(quick: no targets)" in out
     assert re.search(r"ceiling \(held-out real accuracy, \d+ images\) \d+\.\d%", out)  # the digits' held-out split
     vq_rows = table_rows(out, "| step | held-out PSNR")
     assert [int(r[0]) for r in vq_rows] == [10, 20]
-    rows = table_rows(out, "| cfg | samples")
-    assert [(float(r[0]), int(r[1])) for r in rows] == [(3.0, 50)]  # --cfg 3 alone; 5 per class, 10 digits
+    rows = table_rows(out, "| sampling | samples")
+    measured = json.loads((tmp_path / "maskgit" / "config.json").read_text())["sampling"]
+    assert [(r[0], int(r[1])) for r in rows] == [  # the run's measured defaults, then --cfg 3; 5 per class
+        (f"default: cfg {measured['cfg']:g}, temperature {measured['temperature']:g}", 50), ("cfg 3", 50)]
     for r in rows:
         accuracy, spread = map(float, re.findall(r"[\d.]+", r[2])[:2])
         assert 0 <= accuracy <= 100 and spread == pytest.approx(100 * math.sqrt(accuracy / 100 * (1 - accuracy / 100)
@@ -123,13 +127,47 @@ def test_learning_quick_runs_every_step(tmp_path):
     assert "### Targets" not in out
 
 
+@pytest.mark.slow  # one quick variant (both tiny stages for 20 steps, sampling twice, a quick judge): ~1-2 min
+def test_sweep_runs_a_variant_and_resumes(tmp_path):
+    quick = ("q: --vq-args '--steps 20 --eval-every 10 --save-every 20 --warmup-steps 5' --mg-args '--steps 20 "
+             "--eval-every 10 --sample-every 20 --save-every 20 --warmup-steps 5 --tune-samples 10 "
+             "--tune-temperatures 1 --token-views none'")
+    args = ["bench/sweep.py", "--data", "digits", "--work", tmp_path, "--jobs", "1", "--only", "q", "--variant", quick,
+            "--per-class", "2", "--judge-steps", "5", "--cfg", "default", "2"]
+    out = check_script(args)
+    assert "1 variant(s) to run, 0 done" in out
+    rows = table_rows(out, "| variant | sampling")
+    measured = json.loads((tmp_path / "maskgit" / "q" / "config.json").read_text())["sampling"]
+    assert sorted(r[1] for r in rows) == sorted(
+        ["cfg 2", f"default: cfg {measured['cfg']:g}, temperature {measured['temperature']:g}"])
+    for r in rows:
+        assert r[0] == "q" and 0 <= number(r[2]) <= 100 and number(r[5]) >= 0  # recognised %, FD
+        vq_cpu, mg_cpu, sample_cpu = map(float, re.findall(r"[\d.]+", r[10]))
+        assert vq_cpu > 0 and mg_cpu > 0 and sample_cpu > 0
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    again = check_script(args)  # everything is reused: nothing trains, nothing is appended
+    assert "0 variant(s) to run, 1 done" in again and " s wall" not in again  # no child ran
+    assert (tmp_path / "results.jsonl").read_text().splitlines() == lines
+    assert table_rows(again, "| variant | sampling") == rows
+
+    # bench/quality.py on that trained run: every sampler, a fixed temperature from the run's measured defaults
+    out = check_script(["bench/quality.py", "--maskgit", tmp_path / "maskgit" / "q", "--num", "20", "--batch", "20",
+                        "--steps", "2", "4", "--samplers", "confidence", "halton", "--schedules", "cosine", "--cfg",
+                        "0", "--full", "--judge-steps", "5", "--bootstrap", "0", "--threads", "1"])
+    assert f"token temperature {measured['temperature']:g}" in out
+    quality = table_rows(out, "| sampler | schedule")
+    assert sorted((r[0], int(r[2])) for r in quality[:-1]) == [("confidence", 2), ("confidence", 4), ("halton", 2),
+                                                              ("halton", 4)]
+
+
 # the measuring pieces, in-process
 
 
 def test_frechet_matches_scipy_and_closed_forms():
     from scipy import linalg
 
-    from judge import frechet
+    from core.stats import frechet
 
     rng = np.random.default_rng(0)
     d = 12
@@ -149,7 +187,7 @@ def test_frechet_matches_scipy_and_closed_forms():
 def test_frechet_distance_of_gaussian_samples_matches_the_closed_form():
     """Features drawn from two diagonal Gaussians: ||mu1 - mu2||^2 + sum(s1 + s2 - 2 sqrt(s1 s2)), up to the
     sampling error of 40,000 draws."""
-    from judge import frechet_distance
+    from core.stats import frechet_distance
 
     rng = np.random.default_rng(1)
     mu1, mu2 = np.array([0.0, 1.0, -2.0, 0.5]), np.array([1.0, 1.0, 0.0, -0.5])

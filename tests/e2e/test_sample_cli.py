@@ -103,6 +103,43 @@ def test_npz_holds_uint8_images_and_balanced_labels(first):
 
 
 @pytest.mark.slow
+def test_sampling_defaults_are_the_runs_measured_ones_unless_given(runs, tmp_path, capsys):
+    """sample.py takes cfg and temperature from the run's config.json "sampling" (measured at the end of
+    training), says so, and lets the command line override each; a run without them uses the built-in ones."""
+    config = json.loads((runs["cond"] / "config.json").read_text())
+    measured = config["sampling"]
+    assert len(measured["scores"]) == 8  # the default grid: 4 guidance scales x 2 temperatures
+    assert {(s["cfg"], s["temperature"]) for s in measured["scores"]} == {
+        (w, t) for w in (0.0, 1.0, 2.0, 3.0) for t in (1.0, 0.8)}
+    assert (measured["cfg"], measured["temperature"]) in {(s["cfg"], s["temperature"]) for s in measured["scores"]}
+
+    def sampler_used(run, *extra):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        cli.main(["--checkpoint", str(run), "--out", str(out), "--num", "2", "--batch-size", "2", "--steps", "2",
+                  *extra])
+        return json.loads((out / "meta.json").read_text())["sampler"], capsys.readouterr().err
+
+    sampler, err = sampler_used(runs["cond"])
+    assert (sampler["cfg"], sampler["temperature"]) == (measured["cfg"], measured["temperature"])
+    assert "measured at the end of training" in err
+    sampler, err = sampler_used(runs["cond"], "--cfg", "0.5")
+    assert (sampler["cfg"], sampler["temperature"]) == (0.5, measured["temperature"])
+    sampler, err = sampler_used(runs["cond"], "--cfg", "0.5", "--temperature", "0.9")
+    assert (sampler["cfg"], sampler["temperature"]) == (0.5, 0.9) and "given on the command line" in err
+
+    old = tmp_path / "old_run"
+    old.mkdir()
+    for f in runs["cond"].iterdir():
+        if f.is_file():
+            (old / f.name).write_bytes(f.read_bytes())
+    del config["sampling"]
+    (old / "config.json").write_text(json.dumps(config))
+    sampler, err = sampler_used(old)
+    assert (sampler["cfg"], sampler["temperature"]) == (SamplerConfig().cfg, SamplerConfig().temperature)
+    assert "built-in defaults" in err
+
+
+@pytest.mark.slow
 def test_pngs_are_named_by_index_and_equal_the_npz(first):
     names = sorted(p.name for p in (first / "images").iterdir())
     assert names == [f"{i:06d}.png" for i in range(NUM)]
@@ -116,7 +153,10 @@ def test_meta_records_the_settings(first, runs):
     meta = json.loads((first / "meta.json").read_text())
     assert meta["checkpoint"] == str(runs["cond"].resolve())
     assert meta["step"] == 10 and meta["ema"] is True
-    assert meta["sampler"] == {f.name: getattr(SamplerConfig(steps=STEPS), f.name) for f in fields(SamplerConfig)}
+    measured = json.loads((runs["cond"] / "config.json").read_text())["sampling"]  # recorded by train_maskgit
+    expected = SamplerConfig(steps=STEPS, cfg=measured["cfg"], temperature=measured["temperature"],
+                             temperature_end=measured["temperature"])
+    assert meta["sampler"] == {f.name: getattr(expected, f.name) for f in fields(SamplerConfig)}
     assert (meta["seed"], meta["num"], meta["batch_size"], meta["num_processes"]) == (0, NUM, BATCH, 1)
     assert "i % 10" in meta["labels"] and meta["torch"] == torch.__version__
     assert meta["command"][:3] == ["sample.py", "--checkpoint", str(runs["cond"])]

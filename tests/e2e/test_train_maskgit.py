@@ -29,7 +29,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 STEPS, BATCH, EVAL_IMAGES, KEEP_LAST, CODEBOOK, CLASSES = 12, 16, 16, 2, 64, 10
 TINY_MASKGIT = ["--dim", "32", "--depth", "1", "--heads", "2", "--batch-size", BATCH, "--num-eval-images", EVAL_IMAGES,
                 "--steps", STEPS, "--save-every", "4", "--eval-every", "6", "--sample-every", "6",
-                "--num-sample-images", "10", "--keep-last", KEEP_LAST]
+                "--num-sample-images", "10", "--keep-last", KEEP_LAST, "--tune-cfg", "0", "2", "--tune-temperatures", "1",
+                "--tune-samples", "20"]
 CRITIC_KEYS = {"critic_loss", "eval_critic_loss", "eval_critic_acc"}
 
 
@@ -158,6 +159,15 @@ def test_run_folder_is_complete(reference_run, vq_run, tiny_labelled_images):
     assert_same_weights(raw, load_file(checkpoints[-1] / "model.safetensors"))
     assert_same_weights(ema, ema_in_checkpoint(checkpoints[-1]))
     assert changed(raw, ema), "the EMA should lag the raw weights"
+
+    # sampling defaults measured at the end: both guidance scales scored, the pick recorded for sample.py
+    sampling = config["sampling"]
+    assert [(s["cfg"], s["temperature"]) for s in sampling["scores"]] == [(0.0, 1.0), (2.0, 1.0)]
+    best = min(sampling["scores"], key=lambda s: s["distance"])["distance"]
+    assert (sampling["cfg"], sampling["temperature"]) in {(s["cfg"], s["temperature"]) for s in sampling["scores"]
+                                                         if s["distance"] <= best * 1.01 + 1e-12}
+    assert sampling["steps"] == 8 and sampling["metric"] == "FD"  # 16 held-out images: too few per class
+    assert "sampling settings at 8 steps" in proc.stdout
 
     model = assert_generates(run, labels=torch.arange(CLASSES))
     assert_same_weights(model.state_dict(), ema)  # sampling uses the EMA weights by default...

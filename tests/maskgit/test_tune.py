@@ -1,0 +1,117 @@
+"""Sampling defaults measured at the end of training (maskgit.tune): the distance, the pick, the whole search.
+
+The intra-class Frechet distance (mean over classes of the FD between the samples asked for class c and the
+held-out images of class c; Miyato & Koyama 2018) is what makes guidance measurable: samples that miss their
+class can have exactly the right pooled distribution (so the plain FD cannot see it) while every per-class
+distance grows.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from core.stats import frechet_distance
+from maskgit.config import MaskGITConfig
+from maskgit.model import build_maskgit
+from maskgit.tune import MIN_PER_CLASS, Projection, distance, features, pick, tune_sampling
+from vqvae.config import VQ_PRESETS
+from vqvae.model import VQVAE
+from vqvae.tokenizer import OwnTokenizer
+
+
+def class_features(rng, per_class: int, classes: int = 3, dims: int = 6):
+    means = 4.0 * np.eye(classes, dims)
+    feats = np.concatenate([means[c] + rng.normal(size=(per_class, dims)) for c in range(classes)])
+    return feats, np.repeat(np.arange(classes), per_class)
+
+
+def test_intra_class_fd_sees_samples_that_miss_their_class():
+    rng = np.random.default_rng(0)
+    ref, ref_labels = class_features(rng, 200)
+    good, labels = class_features(rng, 200)
+    shuffled = rng.permutation(len(labels))  # the same images, asked for the wrong classes
+    right, name = distance(good, labels, ref, ref_labels)
+    wrong, _ = distance(good, labels[shuffled], ref, ref_labels)
+    assert name == "intra-class FD"
+    # the pooled FD is blind to the labels: identical for both
+    assert frechet_distance(good, ref) == pytest.approx(frechet_distance(good[shuffled], ref))
+    assert wrong > 5 * right
+    # and it is the mean of the per-class distances
+    per_class = [frechet_distance(good[labels == c], ref[ref_labels == c]) for c in range(3)]
+    assert right == pytest.approx(np.mean(per_class))
+
+
+def test_too_few_held_out_images_per_class_fall_back_to_the_pooled_fd():
+    rng = np.random.default_rng(1)
+    ref, ref_labels = class_features(rng, MIN_PER_CLASS - 1)
+    samples, labels = class_features(rng, 50)
+    value, name = distance(samples, labels, ref, ref_labels)
+    assert name == "FD" and value == pytest.approx(frechet_distance(samples, ref))
+    assert distance(samples, None, ref, None) == (pytest.approx(frechet_distance(samples, ref)), "FD")
+
+
+def test_pick_prefers_weaker_guidance_and_temperature_near_one_within_one_percent():
+    scores = [dict(cfg=0.0, temperature=1.0, distance=10.0), dict(cfg=2.0, temperature=1.0, distance=5.0),
+              dict(cfg=3.0, temperature=0.8, distance=4.96), dict(cfg=3.0, temperature=1.0, distance=4.97)]
+    assert pick(scores) == scores[1]  # 5.0 is within 1% of 4.96 and has the weakest guidance
+    scores[1]["distance"] = 5.1
+    assert pick(scores) == scores[3]  # among 4.96 / 4.97 (same cfg): the temperature nearer 1
+    scores[3]["distance"] = 6.0
+    assert pick(scores) == scores[2]
+
+
+def test_features_and_projection():
+    images = torch.rand(5, 3, 32, 32) * 2 - 1
+    feats = features(images)
+    assert feats.shape == (5, 3 * 8 * 8) and feats.dtype == np.float64
+    # area averaging: each feature is the mean of a 4x4 block
+    assert feats[0, 0] == pytest.approx(images[0, 0, :4, :4].mean().item(), abs=1e-6)
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(100, 192))
+    project = Projection(ref)
+    assert project(ref).shape == (100, 32)
+    np.testing.assert_allclose(project.basis.T @ project.basis, np.eye(32), atol=1e-10)
+    np.testing.assert_allclose(project(ref).mean(0), 0, atol=1e-10)
+    assert Projection(ref[:10])(ref).shape == (100, 10)  # never more directions than images
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    torch.manual_seed(0)
+    vq_cfg = dataclasses.replace(VQ_PRESETS["tiny"][0], image_size=16)
+    tokenizer = OwnTokenizer(VQVAE(vq_cfg, sync_codebook=False))
+    grid = (16 // tokenizer.downsample,) * 2
+    model = build_maskgit(MaskGITConfig(dim=32, depth=1, heads=2), codebook_size=tokenizer.codebook_size,
+                          grid=grid, num_classes=4).eval()
+    codes = torch.randint(0, tokenizer.codebook_size, (48, grid[0] * grid[1]))
+    labels = torch.arange(48) % 4
+    return model, tokenizer, codes, labels
+
+
+def test_tune_sampling_scores_every_setting_and_records_the_pick(tiny_pair):
+    model, tokenizer, codes, labels = tiny_pair
+    kwargs = dict(cfgs=(0.0, 2.0), temperatures=(1.0, 0.5), num_samples=32, steps=2)
+    result = tune_sampling(model, tokenizer, codes, labels, **kwargs)
+    assert [(s["cfg"], s["temperature"]) for s in result["scores"]] == [(0.0, 1.0), (0.0, 0.5), (2.0, 1.0),
+                                                                         (2.0, 0.5)]
+    assert result["metric"] == "intra-class FD" and result["held_out"] == 48
+    assert result["samples_per_setting"] == 4 * max(MIN_PER_CLASS, 32 // 4)
+    assert {k: result[k] for k in ("cfg", "temperature")} == {k: pick(result["scores"])[k]
+                                                              for k in ("cfg", "temperature")}
+    assert all(np.isfinite(s["distance"]) and s["distance"] >= 0 for s in result["scores"])
+    # a fixed seed: the search repeats exactly
+    assert tune_sampling(model, tokenizer, codes, labels, **kwargs)["scores"] == result["scores"]
+    # an unconditional model: guidance is not searched
+    uncond = build_maskgit(MaskGITConfig(dim=32, depth=1, heads=2, class_cond=False),
+                           codebook_size=tokenizer.codebook_size, grid=model.grid, num_classes=0).eval()
+    result = tune_sampling(uncond, tokenizer, codes, labels, **kwargs)
+    assert [s["cfg"] for s in result["scores"]] == [0.0, 0.0] and result["metric"] == "FD"
+
+
+def test_tune_sampling_keeps_at_most_max_classes(tiny_pair):
+    model, tokenizer, codes, labels = tiny_pair
+    result = tune_sampling(model, tokenizer, codes, labels, cfgs=(0.0,), temperatures=(1.0,), num_samples=8,
+                           steps=1, max_classes=2)
+    assert result["held_out"] == 24 and result["samples_per_setting"] == 2 * MIN_PER_CLASS
