@@ -178,9 +178,9 @@ class MaskGIT(nn.Module):
         self.critic_head = nn.Linear(dim, 1) if self_token_critic else None
         if token_critic is not None:
             self.critic_pos_emb = GridPositions(self.grid, token_critic.emb_dim)
-            critic_layers = token_critic.attn_layers
+            self.critic_adaln = bool(getattr(token_critic.attn_layers, "need_condition", False))
             self.critic_class_emb = self._class_embedding(
-                critic_layers.dim_condition if getattr(critic_layers, "need_condition", False) else token_critic.emb_dim)
+                token_critic.attn_layers.dim_condition if self.critic_adaln else token_critic.emb_dim)
         self.has_critic = token_critic is not None or self_token_critic
 
     def _validate(self, net, token_critic, self_token_critic):
@@ -278,8 +278,7 @@ class MaskGIT(nn.Module):
         if self.self_cond and self_cond is None and self.training:
             # none = zeros, which the bias-free projection maps to 0; in training we still run it, so that
             # to_self_cond is in every step's graph (DDP without find_unused_parameters)
-            self_cond = self.rope.new_zeros(b, self.seq_len, self.dim) if sum_embeds is None else \
-                sum_embeds.new_zeros(b, self.seq_len, self.dim)
+            self_cond = torch.zeros(b, self.seq_len, self.dim, device=self.device)
         if self.self_cond and self_cond is not None:
             projected = self.to_self_cond(self_cond)  # (b, n, emb_dim)
             sum_embeds = projected if sum_embeds is None else sum_embeds + projected
@@ -301,7 +300,7 @@ class MaskGIT(nn.Module):
             return rearrange(self.critic_head(embeds[:, -n:]), "b n 1 -> b n")
         out = self.token_critic(
             seq, sum_embeds=self.critic_pos_emb().expand(b, -1, -1),
-            **self._prepend(self.critic_class_emb, cond, bool(getattr(self.token_critic.attn_layers, "need_condition", False))),
+            **self._prepend(self.critic_class_emb, cond, self.critic_adaln),
         )
         return rearrange(out[:, -n:], "b n 1 -> b n")
 
