@@ -159,7 +159,7 @@ def sampler_config(args, run: Run) -> SamplerConfig:
         )
     except ValueError as err:
         fail(f"sampler setting: {err}")
-    print(f"sampling with cfg {cfg:g}, temperature {temperature:g}: {source}", file=sys.stderr)
+    print(f"sampling with cfg {cfg:g}, temperature {temperature:g}: {source}")
     return config
 
 

@@ -117,7 +117,7 @@ def test_sampling_defaults_are_the_runs_measured_ones_unless_given(runs, tmp_pat
         out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
         cli.main(["--checkpoint", str(run), "--out", str(out), "--num", "2", "--batch-size", "2", "--steps", "2",
                   *extra])
-        return json.loads((out / "meta.json").read_text())["sampler"], capsys.readouterr().err
+        return json.loads((out / "meta.json").read_text())["sampler"], capsys.readouterr().out
 
     sampler, err = sampler_used(runs["cond"])
     assert (sampler["cfg"], sampler["temperature"]) == (measured["cfg"], measured["temperature"])
@@ -290,7 +290,8 @@ def test_edit_keeps_the_codes_outside_the_region(runs, tmp_path, region):
     flags = {"box": ["--mask-box", "0,0,6,6"], "inverted box": ["--mask-box", "0,0,6,6", "--invert-mask"],
              "mask image": ["--mask-image", tmp_path / "mask.png"]}[region]
     invert = region == "inverted box"
-    cli.main(sample_args(runs["cond"], out, "--init-image", runs["init"], *flags, "--num", 6, "--batch-size", 4))
+    cli.main(sample_args(runs["cond"], out, "--init-image", runs["init"], *flags, "--num", 6, "--batch-size", 4,
+                         "--cfg", 0, "--temperature", 1))  # the SamplerConfig defaults redone below
     pngs = np.stack([read_png(out / "images" / f"{i:06d}.png") for i in range(6)])
 
     # redo the run by hand from the documented rules (seed per batch, balanced labels, keep = cells off the box)
