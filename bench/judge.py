@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,6 +86,22 @@ def load_real(data: str, image_size: int, split: str, root: str | None = None, l
     if len(labels) and labels.min() < 0:
         raise ValueError(f"{data} is unlabelled: judging class-conditional samples needs class subfolders")
     return images, labels
+
+
+@torch.inference_mode()
+def reconstruction_score(judge: Judge, tokenizer, images: torch.Tensor, labels: np.ndarray, num: int, *,
+                         seed: int = 0, batch: int = 250, device="cpu", context=None, bootstrap: int = 0) -> dict:
+    """The judge's scores of the tokenizer's reconstructions of `num` real images (a seeded random pick): the class
+    accuracy a faithful generator on that tokenizer can reach, and the Frechet distance its own blur costs.
+
+    `tokenizer` has encode(images) -> codes and decode(codes) -> images in [-1, 1]; `context` () -> a context
+    manager wrapped around each batch (autocast on a GPU)."""
+    pick = torch.as_tensor(np.random.default_rng(seed).permutation(len(images))[:num])
+    out = []
+    for x in images[pick].split(batch):
+        with (context or nullcontext)():
+            out.append(tokenizer.decode(tokenizer.encode(x.to(device))).float().clamp(-1, 1).cpu())
+    return judge.score(torch.cat(out), np.asarray(labels)[pick.numpy()], bootstrap=bootstrap)
 
 
 # ----------------------------------------------------------------------------- the main judge: a CNN

@@ -11,8 +11,8 @@ label; its accuracy on real held-out images is the ceiling), the worst class, th
 built cross-check (an RBF SVM on 8x8 pixels), a Frechet distance (FD) between the CNN's penultimate features of
 the samples and of the real held-out images, and precision and recall with k-NN manifolds in those features.
 Column headers carry the ceiling and the real-vs-real floors (as many real training images as samples). The
-reference row of the tokenizer's reconstructions (of as many real training images) shows what no generator on
-this tokenizer can beat. The spread after FD is a bootstrap over the samples.
+reference row of the tokenizer's reconstructions (of as many real training images) shows what a faithful
+generator on this tokenizer can reach. The spread after FD is a bootstrap over the samples.
 
 Settings vary one thing at a time around confidence / cosine / no guidance: steps x schedule (the MaskGIT paper's
 cosine-vs-linear claim), steps x sampler, and guidance x sampler at 8 steps (`--full` crosses everything).
@@ -30,11 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from common import REPO, autocast, fmt, machine_line, markdown_table, pick_device
-from judge import Judge, load_real
+from judge import Judge, load_real, reconstruction_score
 
 BASE = dict(strategy="confidence", schedule="cosine", cfg=0.0)
 FEW_STEPS = 8  # "few steps" for the cosine-vs-linear verdict: every swept step count up to this
@@ -220,12 +219,9 @@ def main(argv=None):
     judge = Judge.fit(train_x, train_y, test_x, test_y, seed=args.seed, steps=args.judge_steps, device=device)
     judge_seconds = time.perf_counter() - t0
 
-    # what no generator on this tokenizer can beat: its reconstructions of as many real training images
-    pick = torch.as_tensor(np.random.default_rng(args.seed).permutation(len(train_x))[: args.num])
-    with torch.inference_mode(), autocast(device):
-        recon = torch.cat([vq.decode(vq.encode(x.to(device))).float().clamp(-1, 1).cpu()
-                           for x in train_x[pick].split(args.batch)])
-    recon_score = judge.score(recon, train_y[pick.numpy()], bootstrap=args.bootstrap)
+    # what a faithful generator on this tokenizer can reach: its reconstructions of as many real training images
+    recon_score = reconstruction_score(judge, vq, train_x, train_y, args.num, seed=args.seed, batch=args.batch,
+                                       device=device, context=lambda: autocast(device), bootstrap=args.bootstrap)
 
     rows = []
     for setting in settings(args, model.has_critic):

@@ -16,6 +16,10 @@ Stage-1 runs are shared by every variant with the same --vq-args. Finished varia
 WORK/results.jsonl and skipped when the sweep is run again (delete the line, or the file, to redo one); finished
 trainings and sampling runs are reused too (each child's folder gets a sweep_cpu.json when it ends), so an
 interrupted sweep resumes. The table at the end covers every line of results.jsonl.
+
+A second table judges each stage-1 run's reconstructions of as many real training images as a variant samples
+(WORK/stage1.jsonl): a faithful generator on a tokenizer is recognised no more often than its reconstructions of
+real images, and their FD shows what the tokenizer's blur alone costs in the judge's features.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 
 from common import cpu_model, fmt, markdown_table, usable_cores
-from judge import Judge, load_real
+from judge import Judge, load_real, reconstruction_score
 from learning import (SAMPLE_STEPS, Child, prepare_data, read_metrics, sampling_flags, sampling_setting,
                       used_settings)
 
@@ -49,7 +53,7 @@ VARIANTS = [
     ("lr2e-3", "", "--token-views none --lr 2e-3"),
     ("swiglu", "", "--token-views none --ff-glu true --ff-mult 3"),
     ("qknorm", "", "--token-views none --qk-norm true"),
-    ("adaln", "", "--token-views none --class-cond-mode adaln"),
+    ("class-token", "", "--token-views none --class-cond-mode token"),  # the preset conditions by adaptive LayerNorm
     ("rope2d", "", "--token-views none --positions rope2d"),
     ("ls0.1", "", "--token-views none --label-smoothing 0.1"),
     ("drop0.2", "", "--token-views none --cond-drop-prob 0.2"),
@@ -97,18 +101,22 @@ class Sweep:
         self.vq_locks: dict[str, threading.Lock] = {}
         self.lock = threading.Lock()
 
+    @staticmethod
+    def stage1_dir(work: Path, vq_args: str) -> Path:
+        """Where the stage-1 run with these overrides lives: named by a hash of them."""
+        return work / "vq" / hashlib.sha1(vq_args.encode()).hexdigest()[:10]
+
     def stage1(self, vq_args: str) -> tuple[Path, float]:
         """The run folder and CPU seconds of train_vq.py --preset tiny with these overrides (trained once)."""
-        key = hashlib.sha1(vq_args.encode()).hexdigest()[:10]
+        out = self.stage1_dir(self.work, vq_args)
         with self.lock:
-            lock = self.vq_locks.setdefault(key, threading.Lock())
-        out = self.work / "vq" / key
+            lock = self.vq_locks.setdefault(out.name, threading.Lock())
         with lock:
             done = out / "sweep_cpu.json"
             if not done.exists():
                 shutil.rmtree(out, ignore_errors=True)
-                _, cpu = self.child.run(f"vq_{key}", ["train_vq.py", "--data", self.data, "--preset", "tiny",
-                                                      "--out", str(out), "--cpu", *shlex.split(vq_args)])
+                _, cpu = self.child.run(f"vq_{out.name}", ["train_vq.py", "--data", self.data, "--preset", "tiny",
+                                                           "--out", str(out), "--cpu", *shlex.split(vq_args)])
                 done.write_text(json.dumps({"cpu": cpu, "vq_args": vq_args}))
             return out, json.loads(done.read_text())["cpu"]
 
@@ -148,10 +156,26 @@ class Sweep:
             samples.append((w, used_settings(run, w), cpu, str(out / "samples.npz")))
         last = read_metrics(mg_dir)[-1]
         psnr = read_metrics(vq_dir)[-1]["psnr"]
-        return dict(name=name, vq_args=vq_args, mg_args=mg_args, vq_cpu=vq_cpu, mg_cpu=mg_cpu, vq_psnr=psnr,
+        return dict(name=name, vq_args=vq_args, mg_args=mg_args, vq_dir=str(vq_dir), vq_cpu=vq_cpu, mg_cpu=mg_cpu,
+                    vq_psnr=psnr,
                     eval_loss=last.get("eval_loss"), eval_acc=last.get("eval_masked_acc"),
                     image_size=run["data"]["image_size"], data_root=run["data"].get("data_root"),
                     samples=samples)
+
+
+def reconstruction_row(judge: Judge, result: dict, images: torch.Tensor, labels: np.ndarray, num: int) -> dict:
+    """The judge on the stage-1 run's reconstructions of `num` real training images: the tokenizer's share of what
+    the samples lose (no generator on it recognises more than its reconstructions, and its blur costs FD)."""
+    from vqvae import load_tokenizer
+
+    s = reconstruction_score(judge, load_tokenizer(result["vq_dir"], device="cpu"), images, labels, num)
+    return {"vq_dir": result["vq_dir"], "vq_args": result["vq_args"], "vq_cpu": result["vq_cpu"],
+            "vq_psnr": result["vq_psnr"], **{k: s[k] for k in ("n", "accuracy", "worst_class", "fd", "fd_floor",
+                                                               "precision", "recall")}}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def score(judge: Judge, result: dict) -> list[dict]:
@@ -159,7 +183,8 @@ def score(judge: Judge, result: dict) -> list[dict]:
     for w, used, cpu, path in result["samples"]:
         with np.load(path) as npz:
             s = judge.score(npz["arr_0"], npz["labels"])
-        rows.append({**{k: v for k, v in result.items() if k != "samples"}, "cfg": w, "used": used, "sample_cpu": cpu,
+        rows.append({**{k: v for k, v in result.items() if k not in ("samples", "vq_dir")}, "cfg": w, "used": used,
+                     "sample_cpu": cpu,
                      "total_cpu": result["vq_cpu"] + result["mg_cpu"] + cpu,
                      **{k: s[k] for k in ("accuracy", "worst_class", "cross_check_accuracy", "fd", "precision",
                                           "recall", "n", "fd_floor", "precision_floor", "recall_floor",
@@ -183,15 +208,13 @@ def main(argv=None) -> None:
     (args.work / "logs").mkdir(exist_ok=True)
     child = Child(args.work / "logs", args.threads)
     data = prepare_data(args.data, args.work, child)
-    results_path = args.work / "results.jsonl"
+    results_path, stage1_path = args.work / "results.jsonl", args.work / "stage1.jsonl"
     done = {}
-    if results_path.exists():
-        for line in results_path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                row["cfg"] = sampling_setting(str(row["cfg"]))
-                row.setdefault("used", f"cfg {row['cfg']}")
-                done[(row["name"], row["cfg"])] = row
+    for row in read_jsonl(results_path):
+        row["cfg"] = sampling_setting(str(row["cfg"]))
+        row.setdefault("used", f"cfg {row['cfg']}")
+        done[(row["name"], row["cfg"])] = row
+    stage1 = {row["vq_dir"]: row for row in read_jsonl(stage1_path)}
     todo = [v for v in variants if not all((v[0], w) in done for w in args.cfg)]
     print(f"work folder: {args.work}; {len(todo)} variant(s) to run, {len(variants) - len(todo)} done", flush=True)
 
@@ -207,7 +230,7 @@ def main(argv=None) -> None:
             print(f"  {variant[0]}: FAILED\n{traceback.format_exc()}", flush=True)
         return None
 
-    judge = None
+    judge = real = None
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for future in as_completed([pool.submit(one, v) for v in todo]):
             result = future.result()
@@ -215,29 +238,42 @@ def main(argv=None) -> None:
                 continue
             if judge is None:  # fitted once, in this (main) thread, with the first run's resolution
                 size, root = result["image_size"], result["data_root"]
-                tx, ty = load_real(data, size, "train", root)
-                hx, hy = load_real(data, size, "test", root)
-                judge = Judge.fit(tx, ty, hx, hy, seed=0, steps=args.judge_steps)
+                real = load_real(data, size, "train", root)
+                judge = Judge.fit(*real, *load_real(data, size, "test", root), seed=0, steps=args.judge_steps)
             with open(results_path, "a") as fh:
                 for r in score(judge, result):
                     fh.write(json.dumps(r) + "\n")
                     done[(r["name"], r["cfg"])] = r
                     print(f"  {r['name']} {r['used']}: {r['accuracy']:.1%} recognised, FD {fmt(r['fd'])}, "
                           f"{r['total_cpu']:.0f} CPU-s", flush=True)
+            if result["vq_dir"] not in stage1:
+                row = reconstruction_row(judge, result, *real, args.per_class * judge.num_classes)
+                with open(stage1_path, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                stage1[row["vq_dir"]] = row
     rows = list(done.values())
-    if rows and not all("fd_floor" in r for r in rows):  # rows written before the floors were kept
+    # stage-1 runs of earlier sweeps that were never judged, and rows written before the floors were kept
+    unjudged = {r["vq_args"]: r for r in rows if str(Sweep.stage1_dir(args.work, r["vq_args"])) not in stage1
+                and (Sweep.stage1_dir(args.work, r["vq_args"]) / "model.safetensors").exists()}
+    if unjudged or not all("fd_floor" in r for r in rows):
         first = json.loads((args.work / "maskgit" / rows[0]["name"] / "config.json").read_text())["data"]
-        judge = judge or Judge.fit(*load_real(data, first["image_size"], "train", first.get("data_root")),
-                                   *load_real(data, first["image_size"], "test", first.get("data_root")),
-                                   seed=0, steps=args.judge_steps)
+        if judge is None:
+            real = load_real(data, first["image_size"], "train", first.get("data_root"))
+            judge = Judge.fit(*real, *load_real(data, first["image_size"], "test", first.get("data_root")),
+                              seed=0, steps=args.judge_steps)
         for r in rows:
             floor = judge.floor(r["n"])
             r.update(fd_floor=floor["fd"], precision_floor=floor["precision"], recall_floor=floor["recall"],
                      ceiling=judge.ceiling)
-    report(args, rows)
+        for vq_args, r in unjudged.items():
+            row = reconstruction_row(judge, {**r, "vq_dir": str(Sweep.stage1_dir(args.work, vq_args))}, *real, r["n"])
+            with open(stage1_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            stage1[row["vq_dir"]] = row
+    report(args, rows, list(stage1.values()))
 
 
-def report(args, rows: list[dict]) -> None:
+def report(args, rows: list[dict], stage1: list[dict]) -> None:
     print(f"\n## Sweep: --data {args.data}\n")
     print(f"Machine: CPU {cpu_model()} ({usable_cores()} cores usable), torch {torch.__version__}, {args.jobs} "
           f"variant(s) at once, {args.threads} thread(s) each. Samples: {args.per_class} per class, "
@@ -259,6 +295,15 @@ def report(args, rows: list[dict]) -> None:
           "yes" if r["total_cpu"] <= BUDGET_CPU_S else "NO",
           " ".join(x for x in (f"vq `{r['vq_args']}`" if r["vq_args"] else "",
                                f"mg `{r['mg_args']}`" if r["mg_args"] else "") if x)] for r in rows]))
+    if stage1:
+        print(f"\nStage-1 runs: the judge on each tokenizer's reconstructions of {stage1[0]['n']} real training "
+              f"images (what a faithful generator on that tokenizer can reach; the FD is what its blur costs).\n")
+        print(markdown_table(
+            ["stage-1 overrides", "held-out PSNR", "recognised", "worst class", "FD", "precision", "recall",
+             "CPU s"],
+            [[f"`{r['vq_args']}`" if r["vq_args"] else "preset", fmt(r["vq_psnr"]), f"{r['accuracy']:.1%}",
+              f"{r['worst_class']:.0%}", fmt(r["fd"]), f"{r['precision']:.2f}", f"{r['recall']:.2f}",
+              f"{r['vq_cpu']:.0f}"] for r in sorted(stage1, key=lambda r: r["fd"])]))
 
 
 if __name__ == "__main__":

@@ -146,10 +146,19 @@ def test_sweep_runs_a_variant_and_resumes(tmp_path):
         assert vq_cpu > 0 and mg_cpu > 0 and sample_cpu > 0
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2
+    # the shared stage-1 run's reconstructions, judged once: a recognised share, an FD, the run's CPU time
+    stage1 = table_rows(out, "| stage-1 overrides")
+    assert len(stage1) == 1 and stage1[0][0] == "`--steps 20 --eval-every 10 --save-every 20 --warmup-steps 5`"
+    assert 0 <= number(stage1[0][2]) <= 100 and number(stage1[0][4]) >= 0 and float(stage1[0][7]) > 0
+    assert len((tmp_path / "stage1.jsonl").read_text().splitlines()) == 1
     again = check_script(args)  # everything is reused: nothing trains, nothing is appended
     assert "0 variant(s) to run, 1 done" in again and " s wall" not in again  # no child ran
     assert (tmp_path / "results.jsonl").read_text().splitlines() == lines
-    assert table_rows(again, "| variant | sampling") == rows
+    assert table_rows(again, "| variant | sampling") == rows and table_rows(again, "| stage-1 overrides") == stage1
+    (tmp_path / "stage1.jsonl").unlink()  # a sweep from before the stage-1 table: judged at the end, once
+    third = check_script(args)
+    assert " s wall" not in third and [r[0] for r in table_rows(third, "| stage-1 overrides")] == [stage1[0][0]]
+    assert len((tmp_path / "stage1.jsonl").read_text().splitlines()) == 1
 
     # bench/quality.py on that trained run: every sampler, a fixed temperature from the run's measured defaults
     out = check_script(["bench/quality.py", "--maskgit", tmp_path / "maskgit" / "q", "--num", "20", "--batch", "20",
