@@ -156,22 +156,20 @@ class Sweep:
             samples.append((w, used_settings(run, w), cpu, str(out / "samples.npz")))
         last = read_metrics(mg_dir)[-1]
         psnr = read_metrics(vq_dir)[-1]["psnr"]
-        return dict(name=name, vq_args=vq_args, mg_args=mg_args, vq_dir=str(vq_dir), vq_cpu=vq_cpu, mg_cpu=mg_cpu,
-                    vq_psnr=psnr,
+        return dict(name=name, vq_args=vq_args, mg_args=mg_args, vq_cpu=vq_cpu, mg_cpu=mg_cpu, vq_psnr=psnr,
                     eval_loss=last.get("eval_loss"), eval_acc=last.get("eval_masked_acc"),
                     image_size=run["data"]["image_size"], data_root=run["data"].get("data_root"),
                     samples=samples)
 
 
-def reconstruction_row(judge: Judge, result: dict, images: torch.Tensor, labels: np.ndarray, num: int) -> dict:
-    """The judge on the stage-1 run's reconstructions of `num` real training images: the tokenizer's share of what
-    the samples lose (no generator on it recognises more than its reconstructions, and its blur costs FD)."""
+def reconstruction_row(judge: Judge, vq_dir: Path, row: dict, images: torch.Tensor, labels: np.ndarray) -> dict:
+    """The judge on a stage-1 run's reconstructions of as many real training images as `row` (a result of a variant
+    trained on it) has samples: the tokenizer's share of what the samples lose."""
     from vqvae import load_tokenizer
 
-    s = reconstruction_score(judge, load_tokenizer(result["vq_dir"], device="cpu"), images, labels, num)
-    return {"vq_dir": result["vq_dir"], "vq_args": result["vq_args"], "vq_cpu": result["vq_cpu"],
-            "vq_psnr": result["vq_psnr"], **{k: s[k] for k in ("n", "accuracy", "worst_class", "fd", "fd_floor",
-                                                               "precision", "recall")}}
+    s = reconstruction_score(judge, load_tokenizer(vq_dir, device="cpu"), images, labels, row["n"])
+    return {"vq_dir": str(vq_dir), "vq_args": row["vq_args"], "vq_cpu": row["vq_cpu"], "vq_psnr": row["vq_psnr"],
+            **{k: s[k] for k in ("n", "accuracy", "worst_class", "fd", "fd_floor", "precision", "recall")}}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -183,8 +181,7 @@ def score(judge: Judge, result: dict) -> list[dict]:
     for w, used, cpu, path in result["samples"]:
         with np.load(path) as npz:
             s = judge.score(npz["arr_0"], npz["labels"])
-        rows.append({**{k: v for k, v in result.items() if k not in ("samples", "vq_dir")}, "cfg": w, "used": used,
-                     "sample_cpu": cpu,
+        rows.append({**{k: v for k, v in result.items() if k != "samples"}, "cfg": w, "used": used, "sample_cpu": cpu,
                      "total_cpu": result["vq_cpu"] + result["mg_cpu"] + cpu,
                      **{k: s[k] for k in ("accuracy", "worst_class", "cross_check_accuracy", "fd", "precision",
                                           "recall", "n", "fd_floor", "precision_floor", "recall_floor",
@@ -246,13 +243,9 @@ def main(argv=None) -> None:
                     done[(r["name"], r["cfg"])] = r
                     print(f"  {r['name']} {r['used']}: {r['accuracy']:.1%} recognised, FD {fmt(r['fd'])}, "
                           f"{r['total_cpu']:.0f} CPU-s", flush=True)
-            if result["vq_dir"] not in stage1:
-                row = reconstruction_row(judge, result, *real, args.per_class * judge.num_classes)
-                with open(stage1_path, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                stage1[row["vq_dir"]] = row
     rows = list(done.values())
-    # stage-1 runs of earlier sweeps that were never judged, and rows written before the floors were kept
+    # stage-1 runs not judged yet (WORK/stage1.jsonl keeps those that were), and rows written before the floors
+    # were kept
     unjudged = {r["vq_args"]: r for r in rows if str(Sweep.stage1_dir(args.work, r["vq_args"])) not in stage1
                 and (Sweep.stage1_dir(args.work, r["vq_args"]) / "model.safetensors").exists()}
     if unjudged or not all("fd_floor" in r for r in rows):
@@ -266,7 +259,7 @@ def main(argv=None) -> None:
             r.update(fd_floor=floor["fd"], precision_floor=floor["precision"], recall_floor=floor["recall"],
                      ceiling=judge.ceiling)
         for vq_args, r in unjudged.items():
-            row = reconstruction_row(judge, {**r, "vq_dir": str(Sweep.stage1_dir(args.work, vq_args))}, *real, r["n"])
+            row = reconstruction_row(judge, Sweep.stage1_dir(args.work, vq_args), r, *real)
             with open(stage1_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             stage1[row["vq_dir"]] = row
