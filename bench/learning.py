@@ -78,7 +78,10 @@ def used_settings(mg_run: dict, setting: str) -> str:
     if setting != "default":
         return f"cfg {setting}"
     sampling = mg_run.get("sampling") or {}
-    return f"default: cfg {sampling.get('cfg', 0):g}, temperature {sampling.get('temperature', 1):g}"
+    text = f"default: cfg {sampling.get('cfg', 0):g}, temperature {sampling.get('temperature', 1):g}"
+    if "choice_temperature" in sampling:  # measured since the choice temperature joined the grid
+        text += f", choice temperature {sampling['choice_temperature']:g}"
+    return text
 
 
 def parse_args(argv=None):

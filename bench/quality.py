@@ -15,7 +15,8 @@ reference row of the tokenizer's reconstructions (of as many real training image
 generator on this tokenizer can reach. The spread after FD is a bootstrap over the samples.
 
 Settings vary one thing at a time around confidence / cosine / no guidance: steps x schedule (the MaskGIT paper's
-cosine-vs-linear claim), steps x sampler, and guidance x sampler at 8 steps (`--full` crosses everything).
+cosine-vs-linear claim), steps x sampler, guidance x sampler and guidance x choice temperature at 8 steps
+(`--full` crosses everything).
 Every setting draws from the same seed, so differences come from the settings rather than from the draws.
 """
 
@@ -55,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, nargs="+", default=[0.0, 1.0, 3.0], help="guidance scales")
     p.add_argument("--temperature", type=float, default=None,
                    help="token temperature of every setting (default: the run's measured sampling default, else 1)")
+    p.add_argument("--choice-temperatures", type=float, nargs="+", default=None,
+                   help="choice temperatures (Gumbel noise on the confidences) to sweep; the first is the base "
+                        "setting's (default: the run's measured sampling default, else the sampler's)")
     p.add_argument("--full", action="store_true", help="every combination instead of one factor at a time")
     p.add_argument("--batch", type=int, default=250, help="samples per generate() call")
     p.add_argument("--judge-steps", type=int, default=None,
@@ -140,18 +144,21 @@ def settings(args, has_critic: bool) -> list[dict]:
     samplers = [s for s in args.samplers if s != "critic" or has_critic]
     if len(samplers) < len(args.samplers):
         print("the model has no token critic: skipping the critic sampler", file=sys.stderr)
+    choices = args.choice_temperatures
     if args.full:
-        grid = [dict(strategy=st, schedule=sc, cfg=w, steps=n)
-                for st, sc, w, n in itertools.product(samplers, args.schedules, args.cfg, args.steps)]
+        grid = [dict(strategy=st, schedule=sc, cfg=w, steps=n, choice_temperature=c)
+                for st, sc, w, n, c in itertools.product(samplers, args.schedules, args.cfg, args.steps, choices)]
     else:
         mid = FEW_STEPS if FEW_STEPS in args.steps else args.steps[len(args.steps) // 2]
-        base = {**BASE, "strategy": samplers[0] if BASE["strategy"] not in samplers else BASE["strategy"]}
+        base = {**BASE, "strategy": samplers[0] if BASE["strategy"] not in samplers else BASE["strategy"],
+                "choice_temperature": choices[0]}
         grid = [{**base, "schedule": sc, "steps": n} for sc in args.schedules for n in args.steps]
         grid += [{**base, "strategy": st, "steps": n} for st in samplers for n in args.steps]
         grid += [{**base, "strategy": st, "cfg": w, "steps": mid} for st in samplers for w in args.cfg]
+        grid += [{**base, "cfg": w, "choice_temperature": c, "steps": mid} for w in args.cfg for c in choices]
     unique = []
     for s in grid:
-        s = {**s, "cfg": float(s["cfg"])}
+        s = {**s, "cfg": float(s["cfg"]), "choice_temperature": float(s["choice_temperature"])}
         if s not in unique:
             unique.append(s)
     return unique
@@ -167,18 +174,20 @@ def generate(model, vq, setting: dict, num: int, num_classes: int, batch: int, s
         with autocast(device):
             codes = model.generate(labels=chunk.to(device), steps=setting["steps"], strategy=setting["strategy"],
                                    schedule=setting["schedule"], cfg=setting["cfg"], generator=gen,
-                                   temperature=setting["temperature"], temperature_end=setting["temperature"])
+                                   temperature=setting["temperature"], temperature_end=setting["temperature"],
+                                   choice_temperature=setting["choice_temperature"])
             images.append(vq.decode(codes.view(len(chunk), *model.grid)).float().clamp(-1, 1).cpu())
     return torch.cat(images), labels.numpy()
 
 
-def cosine_verdict(rows: list[dict], steps: list[int]) -> str:
-    """Does cosine beat linear at few steps (Chang et al. 2022, Fig. 8)? Judged on FD, differences beyond 2 sigma."""
+def cosine_verdict(rows: list[dict], steps: list[int], choice_temperature: float) -> str:
+    """Does cosine beat linear at few steps (Chang et al. 2022, Fig. 8)? Judged on FD, differences beyond 2 sigma,
+    at the base setting's sampler, guidance and choice temperature."""
     few = [n for n in steps if n <= FEW_STEPS] or steps[:1]
     lines, wins, losses = [], 0, 0
     for n in few:
         pick = {r["schedule"]: r for r in rows if r["steps"] == n and r["strategy"] == BASE["strategy"]
-                and r["cfg"] == BASE["cfg"]}
+                and r["cfg"] == BASE["cfg"] and r["choice_temperature"] == choice_temperature}
         if not {"cosine", "linear"} <= set(pick):
             continue
         c, lin = pick["cosine"], pick["linear"]
@@ -204,8 +213,13 @@ def main(argv=None):
         args.maskgit = str(train_tiny(Path(args.workdir), args.quick, args.threads))
     model, vq, data, classes = untrained_models(device, args.quick) if args.untrained else trained_models(args, device)
     num_classes = len(classes)
+    from maskgit.sampler import SamplerConfig
+
+    measured = data.get("sampling") or {}
     if args.temperature is None:
-        args.temperature = float((data.get("sampling") or {}).get("temperature", 1.0))
+        args.temperature = float(measured.get("temperature", 1.0))
+    if args.choice_temperatures is None:
+        args.choice_temperatures = [float(measured.get("choice_temperature", SamplerConfig.choice_temperature))]
 
     small = 400 if args.quick else None
     t0 = time.perf_counter()
@@ -236,7 +250,7 @@ def main(argv=None):
 
     floor = judge.floor(args.num)
     source = "untrained tiny models" if args.untrained else f"{args.maskgit}" + (" (raw weights)" if args.raw else "")
-    headers = ["sampler", "schedule", "steps", "guidance", f"class accuracy (ceiling {judge.ceiling:.1%})",
+    headers = ["sampler", "schedule", "steps", "guidance", "choice temperature", f"class accuracy (ceiling {judge.ceiling:.1%})",
                "worst class", f"cross-check accuracy (ceiling {judge.cross_check_ceiling:.1%})",
                f"FD (floor {fmt(floor['fd'])})", f"precision (floor {floor['precision']:.2f})",
                f"recall (floor {floor['recall']:.2f})", "sampling s"]
@@ -247,8 +261,9 @@ def main(argv=None):
                 f"{fmt(r['fd'])} ± {fmt(r.get('fd_std', float('nan')), 2)}", f"{r['precision']:.2f}",
                 f"{r['recall']:.2f}"]
 
-    table = [[r["strategy"], r["schedule"], r["steps"], fmt(r["cfg"], 2), *cells(r), fmt(r["seconds"])] for r in rows]
-    table.append([f"*tokenizer reconstructions of {recon_score['n']} real training images*", "-", "-", "-",
+    table = [[r["strategy"], r["schedule"], r["steps"], fmt(r["cfg"], 2), fmt(r["choice_temperature"], 2), *cells(r),
+              fmt(r["seconds"])] for r in rows]
+    table.append([f"*tokenizer reconstructions of {recon_score['n']} real training images*", "-", "-", "-", "-",
                   *cells(recon_score), "-"])
     print("\n".join([
         f"## Sample quality on `{data['data']}` ({source}), {args.num} class-conditional samples per setting, "
@@ -262,7 +277,7 @@ def main(argv=None):
         "same features (Kynkaenniemi et al. 2019): share of samples among real images / of real images covered by "
         f"the samples. Floors: {min(args.num, len(train_x))} real training images scored the same way.", "",
         markdown_table(headers, table), "",
-        cosine_verdict(rows, args.steps), "",
+        cosine_verdict(rows, args.steps, args.choice_temperatures[0]), "",
     ]))
 
 

@@ -81,8 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"default, else {DEFAULTS.temperature:g})")
     s.add_argument("--temperature-end", type=finite_float, help="temperature at the last step, linearly annealed "
                                                          "(default: = --temperature, constant)")
-    s.add_argument("--choice-temperature", type=finite_float, default=DEFAULTS.choice_temperature,
-                   help="Gumbel noise on the confidences, annealed to 0")
+    s.add_argument("--choice-temperature", type=finite_float,
+                   help="Gumbel noise on the confidences, annealed to 0 (default: the run's measured default, else "
+                        f"{DEFAULTS.choice_temperature:g})")
     s.add_argument("--critic-noise", type=finite_float, default=DEFAULTS.critic_noise,
                    help="Gumbel noise on the critic's scores (--sampler critic), annealed to 0")
     s.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="draw among the k likeliest codes only")
@@ -126,40 +127,44 @@ def check_args(args) -> None:
         fail("--invert-mask needs --init-image and a region (--mask-box or --mask-image)")
 
 
-def measured_defaults(args, run: Run) -> tuple[float, float, str]:
-    """(cfg, temperature) to sample with, and where they came from: the command line, else the defaults the run
-    measured at the end of training (config.json "sampling", maskgit.tune), else SamplerConfig's."""
+MEASURED = ("cfg", "temperature", "choice_temperature")  # the settings a run measures (maskgit.tune)
+
+
+def measured_defaults(args, run: Run) -> tuple[dict, str]:
+    """{cfg, temperature, choice_temperature} to sample with, and where they came from: the command line, else the
+    defaults the run measured at the end of training (config.json "sampling", maskgit.tune; runs from before the
+    choice temperature was measured recorded none), else SamplerConfig's."""
     measured = run.config.get("sampling") or {}
-    cfg = args.cfg if args.cfg is not None else float(measured.get("cfg", DEFAULTS.cfg))
+    values = {name: getattr(args, name) if getattr(args, name) is not None else
+              float(measured.get(name, getattr(DEFAULTS, name))) for name in MEASURED}
     if run.config.get("num_classes", 0) == 0 and args.cfg is None:
-        cfg = DEFAULTS.cfg  # guidance needs classes
-    temperature = args.temperature if args.temperature is not None else \
-        float(measured.get("temperature", DEFAULTS.temperature))
-    if measured and (args.cfg is None or args.temperature is None):
+        values["cfg"] = DEFAULTS.cfg  # guidance needs classes
+    if measured and any(getattr(args, name) is None for name in MEASURED):
         source = (f"measured at the end of training ({measured.get('metric', 'FD')} on held-out data at "
                   f"{measured.get('steps', '?')} steps; see config.json \"sampling\")")
     elif measured:
         source = "given on the command line"
     else:
         source = "built-in defaults (this run recorded no measured ones)"
-    return cfg, temperature, source
+    return values, source
 
 
 def sampler_config(args, run: Run) -> SamplerConfig:
     """SamplerConfig from the command line (its own validation applies); the schedule defaults to the model's,
     guidance and temperature to the run's measured defaults."""
-    cfg, temperature, source = measured_defaults(args, run)
+    values, source = measured_defaults(args, run)
     try:
         config = SamplerConfig(
             steps=args.steps, strategy=args.strategy, schedule=args.schedule or run.model["schedule"],
-            temperature=temperature,
-            temperature_end=temperature if args.temperature_end is None else args.temperature_end,
-            choice_temperature=args.choice_temperature, critic_noise=args.critic_noise, top_k=args.top_k,
-            top_p=args.top_p, cfg=cfg, cfg_schedule=args.cfg_schedule, remask=args.remask,
+            temperature=values["temperature"],
+            temperature_end=values["temperature"] if args.temperature_end is None else args.temperature_end,
+            choice_temperature=values["choice_temperature"], critic_noise=args.critic_noise, top_k=args.top_k,
+            top_p=args.top_p, cfg=values["cfg"], cfg_schedule=args.cfg_schedule, remask=args.remask,
         )
     except ValueError as err:
         fail(f"sampler setting: {err}")
-    print(f"sampling with cfg {cfg:g}, temperature {temperature:g}: {source}")
+    print(f"sampling with cfg {values['cfg']:g}, temperature {values['temperature']:g}, choice temperature "
+          f"{values['choice_temperature']:g}: {source}")
     return config
 
 

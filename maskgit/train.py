@@ -329,14 +329,15 @@ def train(accelerator, model, forward_model, ema, optimizer, scheduler, data_for
 
 def record_sampling_defaults(accelerator, model, vq, held_out, cfg: MaskGITTrainConfig, run_dir: Path, meta: dict,
                              step: int) -> None:
-    """Score cfg.tune_cfg x cfg.tune_temperatures on held-out data (maskgit.tune, main process) and store the
-    best in config.json["sampling"], where sample.py finds its defaults."""
+    """Score cfg.tune_cfg x cfg.tune_temperatures x cfg.tune_choice_temperatures on held-out data (maskgit.tune,
+    main process) and store the best in config.json["sampling"], where sample.py finds its defaults."""
     if accelerator.is_main_process:
         codes, labels = held_out
         count = min(cfg.num_eval_images, len(codes))
         result = tune_sampling(model, vq, codes[:count, 0].flatten(1).long(),
                                None if labels is None else labels[:count].long(), cfgs=cfg.tune_cfg,
-                               temperatures=cfg.tune_temperatures, num_samples=cfg.tune_samples,
+                               temperatures=cfg.tune_temperatures,
+                               choice_temperatures=cfg.tune_choice_temperatures, num_samples=cfg.tune_samples,
                                steps=cfg.sample_steps, seed=cfg.seed)
         accelerator.print(describe(result))
         meta["sampling"] = result

@@ -68,27 +68,29 @@ def test_train_speed_quick_prints_both_stages():
 
 @pytest.mark.slow  # a subprocess that imports torch and runs its sweep: ~10-20 s on 2 busy cores
 def test_quality_quick_prints_every_setting():
-    out = check_script(["bench/quality.py", "--quick", "--threads", "1"])
+    out = check_script(["bench/quality.py", "--quick", "--threads", "1", "--choice-temperatures", "4.5", "1"])
     assert re.search(r"ceiling \(held-out real accuracy, \d+ images\) \d+\.\d%", out)
     header = next(line for line in out.splitlines() if line.startswith("| sampler | schedule"))
     for floor in (r"class accuracy \(ceiling \d+\.\d%\)", r"FD \(floor [\d.]+\)", r"precision \(floor [\d.]+\)",
                   r"recall \(floor [\d.]+\)", r"cross-check accuracy \(ceiling \d+\.\d%\)"):
         assert re.search(floor, header), (floor, header)
     rows = table_rows(out, "| sampler | schedule")
-    settings = {(r[0], r[1], int(r[2]), float(r[3])) for r in rows if not r[0].startswith("*")}
+    settings = {(r[0], r[1], int(r[2]), float(r[3]), float(r[4])) for r in rows if not r[0].startswith("*")}
     for steps in (4, 8):
         for strategy in ("confidence", "critic", "halton"):
-            assert (strategy, "cosine", steps, 0.0) in settings
-        assert ("confidence", "linear", steps, 0.0) in settings
+            assert (strategy, "cosine", steps, 0.0, 4.5) in settings  # the first choice temperature is the base
+        assert ("confidence", "linear", steps, 0.0, 4.5) in settings
     for strategy in ("confidence", "critic", "halton"):
         for w in (1.0, 3.0):
-            assert (strategy, "cosine", 8, w) in settings
+            assert (strategy, "cosine", 8, w, 4.5) in settings
+    # the second choice temperature appears only in the guidance x choice temperature group, at 8 steps
+    assert {s for s in settings if s[4] == 1.0} == {("confidence", "cosine", 8, w, 1.0) for w in (0.0, 1.0, 3.0)}
     assert [r[0] for r in rows if r[0].startswith("*")] == ["*tokenizer reconstructions of 20 real training images*"]
     for r in rows:
-        assert 0 <= number(r[4]) <= 100 and 0 <= number(r[5]) <= 100 and 0 <= number(r[6]) <= 100  # accuracies, %
-        fd = number(r[7])
+        assert 0 <= number(r[5]) <= 100 and 0 <= number(r[6]) <= 100 and 0 <= number(r[7]) <= 100  # accuracies, %
+        fd = number(r[8])
         assert math.isfinite(fd) and fd >= 0
-        assert 0 <= number(r[8]) <= 1 and 0 <= number(r[9]) <= 1  # precision, recall
+        assert 0 <= number(r[9]) <= 1 and 0 <= number(r[10]) <= 1  # precision, recall
     assert re.search(r"^- Cosine beats linear at few steps \(MaskGIT paper\): [A-Z]", out, flags=re.M)
 
 
@@ -117,7 +119,8 @@ def test_learning_quick_runs_every_step(tmp_path):
     rows = table_rows(out, "| sampling | samples")
     measured = json.loads((tmp_path / "maskgit" / "config.json").read_text())["sampling"]
     assert [(r[0], int(r[1])) for r in rows] == [  # the run's measured defaults, then --cfg 3; 5 per class
-        (f"default: cfg {measured['cfg']:g}, temperature {measured['temperature']:g}", 50), ("cfg 3", 50)]
+        (f"default: cfg {measured['cfg']:g}, temperature {measured['temperature']:g}, choice temperature "
+         f"{measured['choice_temperature']:g}", 50), ("cfg 3", 50)]
     for r in rows:
         accuracy, spread = map(float, re.findall(r"[\d.]+", r[2])[:2])
         assert 0 <= accuracy <= 100 and spread == pytest.approx(100 * math.sqrt(accuracy / 100 * (1 - accuracy / 100)
@@ -139,7 +142,8 @@ def test_sweep_runs_a_variant_and_resumes(tmp_path):
     rows = table_rows(out, "| variant | sampling")
     measured = json.loads((tmp_path / "maskgit" / "q" / "config.json").read_text())["sampling"]
     assert sorted(r[1] for r in rows) == sorted(
-        ["cfg 2", f"default: cfg {measured['cfg']:g}, temperature {measured['temperature']:g}"])
+        ["cfg 2", f"default: cfg {measured['cfg']:g}, temperature {measured['temperature']:g}, choice temperature "
+                  f"{measured['choice_temperature']:g}"])
     for r in rows:
         assert r[0] == "q" and 0 <= number(r[2]) <= 100 and number(r[5]) >= 0  # recognised %, FD
         vq_cpu, mg_cpu, sample_cpu = map(float, re.findall(r"[\d.]+", r[10]))
@@ -168,6 +172,7 @@ def test_sweep_runs_a_variant_and_resumes(tmp_path):
     quality = table_rows(out, "| sampler | schedule")
     assert sorted((r[0], int(r[2])) for r in quality[:-1]) == [("confidence", 2), ("confidence", 4), ("halton", 2),
                                                               ("halton", 4)]
+    assert {float(r[4]) for r in quality[:-1]} == {measured["choice_temperature"]}  # the run's measured one
 
 
 # the measuring pieces, in-process

@@ -104,14 +104,16 @@ def test_npz_holds_uint8_images_and_balanced_labels(first):
 
 @pytest.mark.slow
 def test_sampling_defaults_are_the_runs_measured_ones_unless_given(runs, tmp_path, capsys):
-    """sample.py takes cfg and temperature from the run's config.json "sampling" (measured at the end of
-    training), says so, and lets the command line override each; a run without them uses the built-in ones."""
+    """sample.py takes cfg, temperature and choice temperature from the run's config.json "sampling" (measured at
+    the end of training), says so, and lets the command line override each; a run without them uses the built-in
+    ones."""
     config = json.loads((runs["cond"] / "config.json").read_text())
     measured = config["sampling"]
-    assert len(measured["scores"]) == 8  # the default grid: 4 guidance scales x 2 temperatures
-    assert {(s["cfg"], s["temperature"]) for s in measured["scores"]} == {
-        (w, t) for w in (0.0, 1.0, 2.0, 3.0) for t in (1.0, 0.8)}
-    assert (measured["cfg"], measured["temperature"]) in {(s["cfg"], s["temperature"]) for s in measured["scores"]}
+    key = ("cfg", "temperature", "choice_temperature")
+    # the tiny preset's grid: guidance 0, 1, 2 x temperature 1 x choice temperatures 4.5 and 2
+    assert [tuple(s[k] for k in key) for s in measured["scores"]] == [
+        (w, 1.0, c) for w in (0.0, 1.0, 2.0) for c in (4.5, 2.0)]
+    assert tuple(measured[k] for k in key) in {tuple(s[k] for k in key) for s in measured["scores"]}
 
     def sampler_used(run, *extra):
         out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
@@ -124,8 +126,13 @@ def test_sampling_defaults_are_the_runs_measured_ones_unless_given(runs, tmp_pat
     assert "measured at the end of training" in err
     sampler, err = sampler_used(runs["cond"], "--cfg", "0.5")
     assert (sampler["cfg"], sampler["temperature"]) == (0.5, measured["temperature"])
+    assert sampler["choice_temperature"] == measured["choice_temperature"]
     sampler, err = sampler_used(runs["cond"], "--cfg", "0.5", "--temperature", "0.9")
-    assert (sampler["cfg"], sampler["temperature"]) == (0.5, 0.9) and "given on the command line" in err
+    assert (sampler["cfg"], sampler["temperature"]) == (0.5, 0.9) and "measured at the end of training" in err
+    assert sampler["choice_temperature"] == measured["choice_temperature"]
+    sampler, err = sampler_used(runs["cond"], "--cfg", "0.5", "--temperature", "0.9", "--choice-temperature", "1.5")
+    assert (sampler["cfg"], sampler["temperature"], sampler["choice_temperature"]) == (0.5, 0.9, 1.5)
+    assert "given on the command line" in err
 
     old = tmp_path / "old_run"
     old.mkdir()
@@ -135,8 +142,16 @@ def test_sampling_defaults_are_the_runs_measured_ones_unless_given(runs, tmp_pat
     del config["sampling"]
     (old / "config.json").write_text(json.dumps(config))
     sampler, err = sampler_used(old)
-    assert (sampler["cfg"], sampler["temperature"]) == (SamplerConfig().cfg, SamplerConfig().temperature)
+    assert (sampler["cfg"], sampler["temperature"], sampler["choice_temperature"]) == (
+        SamplerConfig().cfg, SamplerConfig().temperature, SamplerConfig().choice_temperature)
     assert "built-in defaults" in err
+    # a run measured before the choice temperature joined the grid: its cfg and temperature, the sampler's choice
+    del measured["choice_temperature"]
+    config["sampling"] = measured
+    (old / "config.json").write_text(json.dumps(config))
+    sampler, err = sampler_used(old)
+    assert (sampler["cfg"], sampler["temperature"], sampler["choice_temperature"]) == (
+        measured["cfg"], measured["temperature"], SamplerConfig().choice_temperature)
 
 
 @pytest.mark.slow
@@ -155,7 +170,8 @@ def test_meta_records_the_settings(first, runs):
     assert meta["step"] == 10 and meta["ema"] is True
     measured = json.loads((runs["cond"] / "config.json").read_text())["sampling"]  # recorded by train_maskgit
     expected = SamplerConfig(steps=STEPS, cfg=measured["cfg"], temperature=measured["temperature"],
-                             temperature_end=measured["temperature"])
+                             temperature_end=measured["temperature"],
+                             choice_temperature=measured["choice_temperature"])
     assert meta["sampler"] == {f.name: getattr(expected, f.name) for f in fields(SamplerConfig)}
     assert (meta["seed"], meta["num"], meta["batch_size"], meta["num_processes"]) == (0, NUM, BATCH, 1)
     assert "i % 10" in meta["labels"] and meta["torch"] == torch.__version__
@@ -291,7 +307,8 @@ def test_edit_keeps_the_codes_outside_the_region(runs, tmp_path, region):
              "mask image": ["--mask-image", tmp_path / "mask.png"]}[region]
     invert = region == "inverted box"
     cli.main(sample_args(runs["cond"], out, "--init-image", runs["init"], *flags, "--num", 6, "--batch-size", 4,
-                         "--cfg", 0, "--temperature", 1))  # the SamplerConfig defaults redone below
+                         "--cfg", 0, "--temperature", 1, "--choice-temperature", SamplerConfig().choice_temperature))
+    # (the SamplerConfig defaults, redone below, rather than the run's measured ones)
     pngs = np.stack([read_png(out / "images" / f"{i:06d}.png") for i in range(6)])
 
     # redo the run by hand from the documented rules (seed per batch, balanced labels, keep = cells off the box)

@@ -30,7 +30,7 @@ STEPS, BATCH, EVAL_IMAGES, KEEP_LAST, CODEBOOK, CLASSES = 12, 16, 16, 2, 64, 10
 TINY_MASKGIT = ["--dim", "32", "--depth", "1", "--heads", "2", "--batch-size", BATCH, "--num-eval-images", EVAL_IMAGES,
                 "--steps", STEPS, "--save-every", "4", "--eval-every", "6", "--sample-every", "6",
                 "--num-sample-images", "10", "--keep-last", KEEP_LAST, "--tune-cfg", "0", "2", "--tune-temperatures", "1",
-                "--tune-samples", "20"]
+                "--tune-choice-temperatures", "4.5", "--tune-samples", "20"]
 CRITIC_KEYS = {"critic_loss", "eval_critic_loss", "eval_critic_acc"}
 
 
@@ -162,7 +162,8 @@ def test_run_folder_is_complete(reference_run, vq_run, tiny_labelled_images):
 
     # sampling defaults measured at the end: both guidance scales scored, the pick recorded for sample.py
     sampling = config["sampling"]
-    assert [(s["cfg"], s["temperature"]) for s in sampling["scores"]] == [(0.0, 1.0), (2.0, 1.0)]
+    assert [(s["cfg"], s["temperature"], s["choice_temperature"]) for s in sampling["scores"]] == [
+        (0.0, 1.0, 4.5), (2.0, 1.0, 4.5)]
     best = min(sampling["scores"], key=lambda s: s["distance"])["distance"]
     assert (sampling["cfg"], sampling["temperature"]) in {(s["cfg"], s["temperature"]) for s in sampling["scores"]
                                                          if s["distance"] <= best * 1.01 + 1e-12}

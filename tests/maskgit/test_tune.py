@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from core.stats import frechet_distance
-from maskgit.config import MaskGITConfig
+from maskgit.config import MaskGITConfig, MaskGITTrainConfig
 from maskgit.model import build_maskgit
 from maskgit.tune import MIN_PER_CLASS, Projection, distance, features, pick, tune_sampling
 from vqvae.config import VQ_PRESETS
@@ -60,6 +60,21 @@ def test_pick_prefers_weaker_guidance_and_temperature_near_one_within_one_percen
     assert pick(scores) == scores[3]  # among 4.96 / 4.97 (same cfg): the temperature nearer 1
     scores[3]["distance"] = 6.0
     assert pick(scores) == scores[2]
+    # the same cfg and temperature within 1%: the choice temperature listed first (grid order)
+    scores = [dict(cfg=0.0, temperature=1.0, choice_temperature=4.5, distance=10.05),
+              dict(cfg=0.0, temperature=1.0, choice_temperature=2.0, distance=10.0)]
+    assert pick(scores) == scores[0]
+    scores[0]["distance"] = 10.2
+    assert pick(scores) == scores[1]
+
+
+def test_the_grid_must_have_every_axis_in_range():
+    MaskGITTrainConfig(tune_choice_temperatures=(4.5, 0.0)).validate()  # 0: no noise, the plain confidence order
+    for bad in ((), (-1.0,)):
+        with pytest.raises(ValueError, match="tune_choice_temperatures"):
+            MaskGITTrainConfig(tune_choice_temperatures=bad).validate()
+    with pytest.raises(ValueError, match="tune_temperatures"):
+        MaskGITTrainConfig(tune_temperatures=(0.0,)).validate()
 
 
 def test_features_and_projection():
@@ -101,8 +116,16 @@ def test_tune_sampling_scores_every_setting_and_records_the_pick(tiny_pair):
     assert {k: result[k] for k in ("cfg", "temperature")} == {k: pick(result["scores"])[k]
                                                               for k in ("cfg", "temperature")}
     assert all(np.isfinite(s["distance"]) and s["distance"] >= 0 for s in result["scores"])
+    assert {s["choice_temperature"] for s in result["scores"]} == {4.5}  # MaskGIT's value when none is given
     # a fixed seed: the search repeats exactly
     assert tune_sampling(model, tokenizer, codes, labels, **kwargs)["scores"] == result["scores"]
+    # the choice temperature is a third axis, recorded with the pick
+    crossed = tune_sampling(model, tokenizer, codes, labels, cfgs=(0.0,), temperatures=(1.0,),
+                            choice_temperatures=(4.5, 0.0), num_samples=32, steps=2)
+    assert [s["choice_temperature"] for s in crossed["scores"]] == [4.5, 0.0]
+    assert crossed["choice_temperature"] == pick(crossed["scores"])["choice_temperature"]
+    assert crossed["scores"][0]["distance"] == result["scores"][0]["distance"]  # same seed, same setting
+    assert crossed["scores"][1]["distance"] != crossed["scores"][0]["distance"]  # the noise changes the samples
     # an unconditional model: guidance is not searched
     uncond = build_maskgit(MaskGITConfig(dim=32, depth=1, heads=2, class_cond=False),
                            codebook_size=tokenizer.codebook_size, grid=model.grid, num_classes=0).eval()
