@@ -151,7 +151,7 @@ def measured_defaults(args, run: Run) -> tuple[dict, str]:
 
 def sampler_config(args, run: Run) -> SamplerConfig:
     """SamplerConfig from the command line (its own validation applies); the schedule defaults to the model's,
-    guidance and temperature to the run's measured defaults."""
+    guidance, temperature and choice temperature to the run's measured defaults."""
     values, source = measured_defaults(args, run)
     try:
         config = SamplerConfig(

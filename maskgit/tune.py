@@ -1,10 +1,10 @@
 """Sampling defaults measured at the end of training: which guidance scale, token temperature and choice
 temperature (the Gumbel noise on the confidences that decides which tokens each step keeps) give the best samples?
 
-Every (cfg, temperature, choice temperature) setting of the grid samples the same number of images (fixed seed, `steps` steps, the
-other sampler settings at their defaults), decoded by the run's tokenizer, and is scored against the held-out
-code grids decoded the same way (the tokenizer's reconstructions: what a perfect generator on this tokenizer would
-give):
+Every (cfg, temperature, choice temperature) setting of the grid samples the same number of images (fixed seed,
+`steps` steps, the other sampler settings at their defaults), decoded by the run's tokenizer, and is scored against
+the held-out code grids decoded the same way (the tokenizer's reconstructions: what a perfect generator on this
+tokenizer would give):
 
 * features: the images area-averaged to 8x8 pixels (192 numbers), projected on the 32 principal directions of
   the held-out features (a space small enough for tens of images per class to estimate a covariance);
@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from core.stats import frechet_distance
+
+from .sampler import SamplerConfig
 
 FEATURE_PIXELS = 8
 FEATURE_DIMS = 32
@@ -79,13 +81,14 @@ def pick(scores: list[dict]) -> dict:
 
 @torch.no_grad()
 def tune_sampling(model, tokenizer, held_out_codes: torch.Tensor, held_out_labels: torch.Tensor | None, *,
-                  cfgs, temperatures, num_samples: int, steps: int, choice_temperatures=(4.5,),
+                  cfgs, temperatures, num_samples: int, steps: int, choice_temperatures=None,
                   batch_size: int = 250, seed: int = 0, max_classes: int = 10) -> dict:
     """Score every (cfg, temperature, choice temperature) and return {"cfg", "temperature", "choice_temperature",
     "steps", "metric", "scores", ...}.
 
     held_out_codes (n, h*w) and held_out_labels (n,) (ignored for an unconditional model); the samples ask for the
-    classes in equal numbers (at most `max_classes` of them, evenly spread, with their held-out images)."""
+    classes in equal numbers (at most `max_classes` of them, evenly spread, with their held-out images).
+    choice_temperatures None: the sampler's default alone."""
     device = model.device
     conditional = model.num_classes > 0 and held_out_labels is not None
     codes, labels = held_out_codes.cpu(), held_out_labels.cpu() if conditional else None
@@ -112,7 +115,8 @@ def tune_sampling(model, tokenizer, held_out_codes: torch.Tensor, held_out_label
     else:
         want = None
     count = len(want) if conditional else num_samples
-    grid = list(itertools.product(cfgs if conditional else [0.0], temperatures, choice_temperatures))
+    choices = choice_temperatures or (SamplerConfig.choice_temperature,)
+    grid = list(itertools.product(cfgs if conditional else [0.0], temperatures, choices))
     scores = []
     for cfg, temperature, choice in grid:
         generator = torch.Generator(device=device).manual_seed(seed)
