@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import run_script, table_rows
+from maskgit.config import MASKGIT_PRESETS
 from vqvae.config import VQ_PRESETS
 
 
@@ -62,7 +63,7 @@ def test_train_speed_quick_prints_both_stages():
         assert number(r[7]) >= 0  # memory growth, MiB
     params = {r[1]: int(r[2].replace(",", "")) for r in rows}
     # a self critic is one linear head (dim -> 1, with bias) on the generator; a separate critic is a second net
-    assert params["critic self"] - params["critic none"] == 128 + 1  # the tiny preset is 128 wide
+    assert params["critic self"] - params["critic none"] == MASKGIT_PRESETS["tiny"][0].dim + 1
     assert params["critic separate"] > 1.5 * params["critic none"]
 
 
