@@ -251,7 +251,8 @@ def main(argv=None):
     floor = judge.floor(args.num)
     source = "untrained tiny models" if args.untrained else f"{args.maskgit}" + (" (raw weights)" if args.raw else "")
     headers = ["sampler", "schedule", "steps", "guidance", "choice temperature",
-               f"class accuracy (ceiling {judge.ceiling:.1%})", "worst class", f"cross-check accuracy (ceiling {judge.cross_check_ceiling:.1%})",
+               f"class accuracy (ceiling {judge.ceiling:.1%})", "worst class",
+               f"cross-check accuracy (ceiling {judge.cross_check_ceiling:.1%})",
                f"FD (floor {fmt(floor['fd'])})", f"precision (floor {floor['precision']:.2f})",
                f"recall (floor {floor['recall']:.2f})", "sampling s"]
 

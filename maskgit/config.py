@@ -157,7 +157,7 @@ def check_configs(cfg: MaskGITConfig, train_cfg: MaskGITTrainConfig):
 assert not {f.name for f in fields(MaskGITConfig)} & {f.name for f in fields(MaskGITTrainConfig)}
 
 MASKGIT_PRESETS: dict[str, tuple[MaskGITConfig, MaskGITTrainConfig]] = {
-    # About 7 CPU-minutes on 8x8 code grids with the final sampling measurement: ~0.25M parameters with the tiny
+    # About 7.5 CPU-minutes on 8x8 code grids with the final sampling measurement: ~0.25M parameters with the tiny
     # tokenizer's 64 codes. A small transformer trained for many steps beats a wider one trained for few in the
     # same CPU time: width 64 x 5,000 steps at lr 2e-3, against the earlier width 128 x 2,000 steps at lr 1e-3,
     # took the shapes from 71.8% to 86.2% recognised at the run's defaults and the digits' FD from 1.2x to 1.0x
