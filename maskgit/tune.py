@@ -17,8 +17,8 @@ tokenizer would give):
 
 The pick is the setting with the smallest distance; ties (within 1%) go to the weaker guidance, then the
 temperature nearer 1, then the choice temperature listed first. The result is stored in the run's config.json
-under "sampling" (the grid, every score and the pick) and sample.py uses it unless told otherwise. The bench (bench/sweep.py, docs/recipes.md) checks the
-pick against the strict external judge.
+under "sampling" (the grid, every score and the pick) and sample.py uses it unless told otherwise. The bench
+(bench/sweep.py, docs/recipes.md) checks the pick against the strict external judge.
 """
 
 from __future__ import annotations
