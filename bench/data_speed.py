@@ -12,10 +12,12 @@ of its first optimizer step (the step function is wrapped to report and stop):
 - peak RSS of the training process (ru_maxrss) and of its DataLoader workers (VmHWM), and the time from the
   process start to the end of the first step, for stage 1 (streaming, 2 workers) and stage 2 (token cache warm:
   built beforehand by a cold run, whose time is reported too);
-- loader images/s with 0, 1 and 2 workers (`core.data.train_loader` over the real dataset, float tensors, batches
-  of 32) against a bare loop of PIL open + draft + ADM resize/crop over the same files in one process (the
-  ceiling per worker), page cache warm; the four are timed in turn for --loader-rounds rounds and each keeps its
-  best round, so that a machine whose speed drifts during the bench (a shared host) moves all four alike;
+- loader images/s with 0, 1 and 2 workers (`core.data.train_loader` over the real dataset, uint8 batches of 32)
+  against a bare loop of PIL open + draft + ADM resize/crop over the same files in one process (the ceiling per
+  worker), page cache warm; the four are timed in turn for --loader-rounds rounds and each keeps its best round,
+  so that a machine whose speed drifts during the bench (a shared host) moves all four alike. Beside them, the
+  same loader over one ready-made image served again and again (no decoding): what passing batches from the
+  workers to the training process costs;
 - token-cache encoding (`maskgit.token_cache.encoded_splits`) of the smallest folder by 1 process and by 2
   (`accelerate launch --multi_gpu --num_processes 2`, gloo on the CPU), against the tokenizer alone (`vq.encode`
   of both views of random batches in this process: the ceiling of one process); 1 and 2 processes take turns
@@ -285,6 +287,19 @@ def loader_rate(dataset, images: int, workers: int, batch: int = 32) -> float:
     return rate
 
 
+class ReadyImages:
+    """`n` items of one ready-made uint8 (S, S, 3) image: `train_loader` over it times the loader's own transport."""
+
+    def __init__(self, n: int, size: int):
+        self.n, self.pixels = n, np.zeros((size, size, 3), np.uint8)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def train_item(self, key):
+        return self.pixels, 0
+
+
 # ----------------------------------------------------------------------------- the report
 
 def verdict(name: str, value: float, target: float, higher_is_better: bool, unit: str = "x") -> str:
@@ -337,15 +352,21 @@ def main(argv=None) -> None:
     dataset = load_dataset(str(folders[small]), size, "train", image_cache="off")
     paths = [folders[small] / p for p in dataset.paths][: args.loader_images]
     bare_loop(paths, size)  # warm the page cache
-    bare, loader = 0.0, dict.fromkeys((0, 1, 2), 0.0)
+    bare, loader, transport = 0.0, dict.fromkeys((0, 1, 2), 0.0), dict.fromkeys((0, 1, 2), 0.0)
+    ready = ReadyImages(4 * args.loader_images, size)
     for _ in range(max(1, args.loader_rounds)):  # in turn, best of each: drift moves them all alike
         bare = max(bare, bare_loop(paths, size))
         for w in loader:
             loader[w] = max(loader[w], loader_rate(dataset, min(args.loader_images, len(dataset)), w))
+            transport[w] = max(transport[w], loader_rate(ready, len(ready), w))
     print("\n" + markdown_table(["loader", "images/s", "per worker vs bare loop"],
                                 [["bare PIL loop (1 process)", fmt(bare), "1.00"]]
                                 + [[f"train_loader, {w} workers", fmt(r), fmt(r / (bare * max(1, w)))]
                                    for w, r in loader.items()]))
+    print("\n" + markdown_table(["train_loader over a ready-made image (no decoding)", "images/s",
+                                 "ms an image, per worker", "share of a bare-loop decode"],
+                                [[f"{w} workers", fmt(r), fmt(1e3 * max(1, w) / r),
+                                  f"{100 * bare * max(1, w) / r:.1f}%"] for w, r in transport.items()]))
 
     encode_n = args.encode_size or small
     if encode_n not in folders:

@@ -8,17 +8,23 @@ tokenizer would give):
 
 * features: the images area-averaged to 8x8 pixels (192 numbers), projected on the 32 principal directions of
   the held-out features (a space small enough for tens of images per class to estimate a covariance);
-* class-conditional models: the intra-class Frechet distance (Miyato & Koyama 2018, "intra-FID"): the mean over
-  classes of the distance between the samples asked for class c and the held-out images of class c. It rises
-  when samples miss their class (guidance too weak) and when they lose diversity (guidance or a temperature
-  drop too strong), so its minimum is the trade-off FID-tuned papers pick; with fewer than
-  MIN_PER_CLASS held-out images in a class (many classes), the classes are pooled (plain FD);
+* class-conditional models, two scores:
+  - class fidelity: the share of samples that a 5-nearest-neighbour vote among the held-out images assigns to
+    the class they were asked for. Guidance exists to raise it;
+  - the intra-class Frechet distance (Miyato & Koyama 2018, "intra-FID"): the mean over classes of the distance
+    between the samples asked for class c and the held-out images of class c; with fewer than MIN_PER_CLASS
+    held-out images in a class (many classes), the classes are pooled (plain FD). In this small space it is
+    dominated by colour and position, so it mostly measures diversity: on the built-in shapes and the digits it
+    rose with every step of guidance while a CNN judge's class accuracy rose too (docs/recipes.md);
 * unconditional models: the Frechet distance of all samples (cfg has no meaning; only temperatures vary).
 
-The pick is the setting with the smallest distance; ties (within 1%) go to the weaker guidance, then the
-temperature nearer 1, then the choice temperature listed first. The result is stored in the run's config.json
-under "sampling" (the grid, every score and the pick) and sample.py uses it unless told otherwise. The bench
-(bench/sweep.py, docs/recipes.md) checks the pick against the strict external judge.
+The pick: the settings whose class fidelity is within two binomial standard errors of the best (2 sqrt(f (1 - f) / n)
+for the best fidelity f over n samples: the ones the measurement cannot tell apart from it), and among them the
+smallest distance; distances within 1% of that go to the weaker guidance, then the temperature nearer 1, then the
+choice temperature listed first. So guidance is bought while it measurably raises class fidelity, and the least
+of it that does. Without classes the fidelity step is skipped. The result is stored in the run's config.json
+under "sampling" (the grid, every score and the pick) and sample.py uses it unless told otherwise. The bench (bench/learning.py, docs/recipes.md) checks
+the pick against the strict external judge.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from .sampler import SamplerConfig
 FEATURE_PIXELS = 8
 FEATURE_DIMS = 32
 MIN_PER_CLASS = 8
+NEIGHBOURS = 5
+FIDELITY_BAND = 2.0
 TIE = 0.01
 
 
@@ -71,9 +79,26 @@ def distance(sample_feats: np.ndarray, sample_labels: np.ndarray | None, ref_fea
     return frechet_distance(sample_feats, ref_feats), "FD"
 
 
-def pick(scores: list[dict]) -> dict:
-    """The lowest distance; within TIE of it, the weakest guidance, then the temperature nearest 1, then the
-    choice temperature listed first (scores are in grid order)."""
+def fidelity(sample_feats: np.ndarray, sample_labels: np.ndarray, ref_feats: np.ndarray,
+             ref_labels: np.ndarray, k: int = NEIGHBOURS) -> float:
+    """The share of samples whose k nearest held-out images (Euclidean) vote, by majority, for the class the sample
+    was asked for; a tie between classes goes to the smallest label."""
+    k = min(k, len(ref_feats))
+    d = (sample_feats**2).sum(1)[:, None] - 2 * sample_feats @ ref_feats.T + (ref_feats**2).sum(1)[None]
+    nearest = np.argpartition(d, k - 1, axis=1)[:, :k]
+    classes = np.unique(ref_labels)
+    votes = (ref_labels[nearest][..., None] == classes).sum(1)  # (n, classes)
+    return float((classes[votes.argmax(1)] == sample_labels).mean())
+
+
+def pick(scores: list[dict], samples: int | None = None) -> dict:
+    """With class fidelities (and `samples`, their sample count): only the settings within FIDELITY_BAND binomial
+    standard errors of the best fidelity. Among those, the lowest distance; within TIE of it, the weakest guidance,
+    then the temperature nearest 1, then the choice temperature listed first (scores are in grid order)."""
+    if samples and all("fidelity" in s for s in scores):
+        top = max(s["fidelity"] for s in scores)
+        margin = FIDELITY_BAND * math.sqrt(top * (1 - top) / samples)
+        scores = [s for s in scores if s["fidelity"] >= top - margin - 1e-12]
     best = min(s["distance"] for s in scores)
     close = [s for s in scores if s["distance"] <= best * (1 + TIE) + 1e-12]
     return min(close, key=lambda s: (s["cfg"], abs(s["temperature"] - 1.0)))  # min keeps the first of equals
@@ -128,11 +153,16 @@ def tune_sampling(model, tokenizer, held_out_codes: torch.Tensor, held_out_label
                                  temperature=temperature, temperature_end=temperature, choice_temperature=choice,
                                  generator=generator)
             feats.append(features(tokenizer.decode(out.view(b, *model.grid)).clamp(-1, 1)))
-        value, metric = distance(project(np.concatenate(feats)), want.numpy() if conditional else None,
-                                 ref, ref_labels)
-        scores.append({"cfg": float(cfg), "temperature": float(temperature), "choice_temperature": float(choice),
-                       "distance": value})
-    best = pick(scores)
+        sample_feats = project(np.concatenate(feats))
+        value, metric = distance(sample_feats, want.numpy() if conditional else None, ref, ref_labels)
+        score = {"cfg": float(cfg), "temperature": float(temperature), "choice_temperature": float(choice),
+                 "distance": value}
+        if conditional:
+            score["fidelity"] = fidelity(sample_feats, want.numpy(), ref, ref_labels)
+        scores.append(score)
+    best = pick(scores, count)
+    if conditional:
+        metric = f"class fidelity ({NEIGHBOURS}-NN), then {metric}"
     return {"cfg": best["cfg"], "temperature": best["temperature"], "choice_temperature": best["choice_temperature"],
             "steps": steps, "metric": metric,
             "samples_per_setting": count, "held_out": len(codes), "scores": scores}
@@ -140,11 +170,12 @@ def tune_sampling(model, tokenizer, held_out_codes: torch.Tensor, held_out_label
 
 def describe(result: dict) -> str:
     """One line per setting, the pick marked."""
-    lines = [f"sampling settings at {result['steps']} steps ({result['metric']} to {result['held_out']} held-out "
-             f"images, {result['samples_per_setting']} samples each; lower is better):"]
+    lines = [f"sampling settings at {result['steps']} steps ({result['metric']} against {result['held_out']} "
+             f"held-out images, {result['samples_per_setting']} samples each):"]
     key = ("cfg", "temperature", "choice_temperature")
     for s in result["scores"]:
         mark = "  <- picked" if all(s.get(k) == result.get(k) for k in key) else ""
+        shown = f"class fidelity {s['fidelity']:.1%}, " if "fidelity" in s else ""
         lines.append(f"  cfg {s['cfg']:g}, temperature {s['temperature']:g}, choice temperature "
-                     f"{s['choice_temperature']:g}: {s['distance']:.4g}{mark}")
+                     f"{s['choice_temperature']:g}: {shown}distance {s['distance']:.4g}{mark}")
     return "\n".join(lines)

@@ -15,8 +15,11 @@ def test_data_speed_quick(tmp_path):
                       env={"MASKGIT_IMAGE_CACHE_DIR": str(tmp_path / "image_cache")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for header in ("| images | stage 1 peak RSS", "| loader | images/s", "| token-cache encode |"):
+    for header in ("| images | stage 1 peak RSS", "| loader | images/s", "| token-cache encode |",
+                   "| train_loader over a ready-made image (no decoding) |"):
         assert header in out, out
+    transport = [line for line in out.splitlines() if re.match(r"\| [012] workers \|", line)]
+    assert len(transport) == 3 and all(float(line.split("|")[2]) > 0 for line in transport), out
     rows = [line for line in out.splitlines() if re.match(r"\| (60|120) \|", line)]
     assert len(rows) == 2
     for row in rows:  # every cell measured: positive numbers

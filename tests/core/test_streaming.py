@@ -221,6 +221,9 @@ def test_training_batches_are_uint8_and_as_float_gives_the_items_exactly(tmp_pat
         assert x.dtype == (torch.float32 if source == "shapes16" else torch.uint8)
         idx = sampler.local_indices(step, 0)
         assert torch.equal(as_float(x), torch.stack([ds[i][0] for i in idx]))
+        assert as_float(x).is_contiguous()
+        if source == "folder":  # decoded pixels travel as stored, (b, S, S, 3); the batch is a view of them
+            assert x.permute(0, 2, 3, 1).is_contiguous()
         assert y.tolist() == [ds[i][1] for i in idx]
 
 

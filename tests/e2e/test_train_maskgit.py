@@ -21,6 +21,7 @@ import vqvae
 from core.data import load_dataset
 from core.checkpoints import verify_checkpoint
 from core.runs import RunFolderError
+from maskgit.tune import pick
 
 from conftest import REPO, launch_args, run_script, script_env
 
@@ -164,10 +165,11 @@ def test_run_folder_is_complete(reference_run, vq_run, tiny_labelled_images):
     sampling = config["sampling"]
     assert [(s["cfg"], s["temperature"], s["choice_temperature"]) for s in sampling["scores"]] == [
         (0.0, 1.0, 4.5), (2.0, 1.0, 4.5)]
-    best = min(sampling["scores"], key=lambda s: s["distance"])["distance"]
-    assert (sampling["cfg"], sampling["temperature"]) in {(s["cfg"], s["temperature"]) for s in sampling["scores"]
-                                                         if s["distance"] <= best * 1.01 + 1e-12}
-    assert sampling["steps"] == 8 and sampling["metric"] == "FD"  # 16 held-out images: too few per class
+    chosen = pick(sampling["scores"], sampling["samples_per_setting"])  # class fidelity first, then the distance
+    assert (sampling["cfg"], sampling["temperature"]) == (chosen["cfg"], chosen["temperature"])
+    assert all(0 <= s["fidelity"] <= 1 for s in sampling["scores"])
+    # 16 held-out images: too few per class for the intra-class distance, so the pooled one
+    assert sampling["steps"] == 8 and sampling["metric"] == "class fidelity (5-NN), then FD"
     assert "sampling settings at 8 steps" in proc.stdout
 
     model = assert_generates(run, labels=torch.arange(CLASSES))
