@@ -18,13 +18,13 @@ tokenizer would give):
     rose with every step of guidance while a CNN judge's class accuracy rose too (docs/recipes.md);
 * unconditional models: the Frechet distance of all samples (cfg has no meaning; only temperatures vary).
 
-The pick: the settings whose class fidelity is within two binomial standard errors of the best (2 sqrt(f (1 - f) / n)
-for the best fidelity f over n samples: the ones the measurement cannot tell apart from it), and among them the
-smallest distance; distances within 1% of that go to the weaker guidance, then the temperature nearer 1, then the
-choice temperature listed first. So guidance is bought while it measurably raises class fidelity, and the least
-of it that does. Without classes the fidelity step is skipped. The result is stored in the run's config.json
-under "sampling" (the grid, every score and the pick) and sample.py uses it unless told otherwise. The bench (bench/learning.py, docs/recipes.md) checks
-the pick against the strict external judge.
+The pick: the settings whose class fidelity is within two binomial standard errors of the best,
+2 sqrt(f (1 - f) / n) for the best fidelity f over n samples (the ones the measurement cannot tell apart from it),
+and among them the smallest distance; distances within 1% of that go to the weaker guidance, then the temperature
+nearer 1, then the choice temperature listed first. So guidance is bought while it measurably raises class
+fidelity, and the least of it that does. Without classes the fidelity step is skipped. The result is stored in
+the run's config.json under "sampling" (the grid, every score and the pick) and sample.py uses it unless told
+otherwise. The bench (bench/learning.py, docs/recipes.md) checks the pick against the strict external judge.
 """
 
 from __future__ import annotations
