@@ -34,7 +34,7 @@ from .config import MASKGIT_PRESETS, MaskGITConfig, MaskGITTrainConfig, check_co
 from .model import build_maskgit
 from .token_cache import TOKEN_VIEWS
 from .token_cache import encoded_splits as encode_splits
-from .tune import describe, tune_sampling
+from .tune import CLASSIFIER_GRIDS, describe, tune_sampling
 
 CRITIC_PARAMETERS = ("token_critic.", "critic_")  # name prefixes of the critic's own parameters
 
@@ -265,14 +265,16 @@ def train_main(args) -> None:
     with Preemption(accelerator) as preemption:  # SIGTERM/SIGINT: checkpoint after this step, then stop
         train(accelerator, model, forward_model, ema, optimizer, scheduler, data_for, (eval_codes, eval_labels), vq,
               state, checkpoints, MetricsLog(run_dir, accelerator), train_cfg, run_dir, meta, args.skip_nonfinite,
-              preemption)
+              preemption, train_grids=(train_codes, train_labels))
     accelerator.end_training()
 
 
 def train(accelerator, model, forward_model, ema, optimizer, scheduler, data_for, held_out, vq, state: TrainState,
           checkpoints: Checkpoints, metrics: MetricsLog, cfg: MaskGITTrainConfig, run_dir: Path, meta: dict,
-          skip_nonfinite: bool, preemption: Preemption | None = None) -> None:
-    """The loop: one update per step (generator, then a separate critic's phase); eval, previews, checkpoints."""
+          skip_nonfinite: bool, preemption: Preemption | None = None, train_grids=None) -> None:
+    """The loop: one update per step (generator, then a separate critic's phase); eval, previews, checkpoints;
+    at the end the sampling defaults (train_grids: the training (codes, labels), for their class-fidelity
+    classifier)."""
     speed = Throughput()
     progress = tqdm(total=cfg.total_steps, initial=state.step, desc="train_maskgit",
                     disable=not accelerator.is_main_process)
@@ -324,21 +326,28 @@ def train(accelerator, model, forward_model, ema, optimizer, scheduler, data_for
     progress.close()
     if cfg.tune_sampling:
         record_sampling_defaults(accelerator, ema.module if ema is not None else model, vq, held_out, cfg, run_dir,
-                                 meta, state.step)
+                                 meta, state.step, train_grids)
 
 
 def record_sampling_defaults(accelerator, model, vq, held_out, cfg: MaskGITTrainConfig, run_dir: Path, meta: dict,
-                             step: int) -> None:
+                             step: int, train_grids=None) -> None:
     """Score cfg.tune_cfg x cfg.tune_temperatures x cfg.tune_choice_temperatures on held-out data (maskgit.tune,
-    main process) and store the best in config.json["sampling"], where sample.py finds its defaults."""
+    main process) and store the best in config.json["sampling"], where sample.py finds its defaults. The class
+    fidelity classifier learns from a seeded pick of CLASSIFIER_GRIDS training grids (as given, not mirrored)."""
     if accelerator.is_main_process:
         codes, labels = held_out
         count = min(cfg.num_eval_images, len(codes))
+        grids = grid_labels = None
+        if train_grids is not None and labels is not None and train_grids[1] is not None:
+            all_codes, all_labels = train_grids
+            chosen = torch.randperm(len(all_codes), generator=torch.Generator().manual_seed(cfg.seed))
+            chosen = chosen[:CLASSIFIER_GRIDS].sort().values
+            grids, grid_labels = all_codes[chosen, 0].flatten(1).long(), all_labels[chosen].long()
         result = tune_sampling(model, vq, codes[:count, 0].flatten(1).long(),
                                None if labels is None else labels[:count].long(), cfgs=cfg.tune_cfg,
                                temperatures=cfg.tune_temperatures,
                                choice_temperatures=cfg.tune_choice_temperatures, num_samples=cfg.tune_samples,
-                               steps=cfg.sample_steps, seed=cfg.seed)
+                               steps=cfg.sample_steps, seed=cfg.seed, train_codes=grids, train_labels=grid_labels)
         accelerator.print(describe(result))
         meta["sampling"] = result
         write_run_config(run_dir, STAGE, **meta, step=step)

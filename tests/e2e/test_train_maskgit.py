@@ -169,7 +169,8 @@ def test_run_folder_is_complete(reference_run, vq_run, tiny_labelled_images):
     assert (sampling["cfg"], sampling["temperature"]) == (chosen["cfg"], chosen["temperature"])
     assert all(0 <= s["fidelity"] <= 1 for s in sampling["scores"])
     # 16 held-out images: too few per class for the intra-class distance, so the pooled one
-    assert sampling["steps"] == 8 and sampling["metric"] == "class fidelity (5-NN), then FD"
+    assert sampling["steps"] == 8 and sampling["metric"] == "class fidelity (code classifier), then FD"
+    assert 0 <= sampling["classifier_held_out_accuracy"] <= 1
     assert "sampling settings at 8 steps" in proc.stdout
 
     model = assert_generates(run, labels=torch.arange(CLASSES))
