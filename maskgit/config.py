@@ -196,8 +196,8 @@ MASKGIT_PRESETS: dict[str, tuple[MaskGITConfig, MaskGITTrainConfig]] = {
             mixed_precision="bf16", num_workers=4,
         ),
     ),
-    # ImageNet 256 on 16x16 codes (the imagenet256 tokenizer or a published f=16 one): ~196M parameters with 16384 codes, between
-    # Halton-MaskGIT's B and L sizes; train with --token-views tencrop (LlamaGen's ten crops).
+    # ImageNet 256 on 16x16 codes (the imagenet256 tokenizer or a published f=16 one): ~196M parameters with 16384
+    # codes, between Halton-MaskGIT's B and L sizes; train with --token-views tencrop (LlamaGen's ten crops).
     "imagenet256": (
         MaskGITConfig(dim=768, depth=24, heads=12, dropout=0.1, label_smoothing=0.1),
         MaskGITTrainConfig(

@@ -1,4 +1,5 @@
-"""`sample.py`: sample images from a trained stage-2 run: a PNG folder and an npz for FID, a preview grid, and every setting.
+"""`sample.py`: sample images from a trained stage-2 run: a PNG folder and an npz for FID, a preview grid, and
+every setting.
 
     python sample.py --checkpoint runs/maskgit --out samples/mg --num 50000 --cfg 1.0
     accelerate launch --multi_gpu --num_processes 8 sample.py --checkpoint runs/maskgit --out samples/mg --num 50000
@@ -63,8 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (part of the seed rule)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--class", dest="cls", metavar="C", help="'all' (balanced: sample i gets class i %% C; the default for a "
-                                               "conditional model), a class name, or a class index")
+    p.add_argument("--class", dest="cls", metavar="C",
+                   help="'all' (balanced: sample i gets class i %% C; the default for a conditional model), a class "
+                        "name, or a class index")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--trajectory", action="store_true",
                    help="also write OUT/trajectory.png: the state after each step of the first (up to) 8 samples")
@@ -104,7 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     e = p.add_argument_group("editing: regenerate part of an image")
     e.add_argument("--init-image", type=Path, metavar="PATH", help="image to edit, at exactly the training resolution")
     region = e.add_mutually_exclusive_group()
-    region.add_argument("--mask-box", metavar="X0,Y0,X1,Y1", help="x0,y0,x1,y1: pixel box to regenerate (x1, y1 exclusive)")
+    region.add_argument("--mask-box", metavar="X0,Y0,X1,Y1",
+                        help="x0,y0,x1,y1: pixel box to regenerate (x1, y1 exclusive)")
     region.add_argument("--mask-image", type=Path, metavar="PATH",
                         help="lossless mask picture of the same size: non-zero pixels are regenerated")
     e.add_argument("--invert-mask", action="store_true", help="regenerate outside the region instead (outpainting)")
