@@ -95,6 +95,11 @@ def main(out_path: str) -> None:
     if accelerator.is_main_process:
         Path(out_path).write_text(json.dumps(verdict))
     accelerator.wait_for_everyone()
+    # an explicit teardown: a gloo group left to the interpreter's exit can abort a process ("terminate called
+    # without an active exception") after the work is done
+    accelerator.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
