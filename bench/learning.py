@@ -81,7 +81,7 @@ def used_settings(mg_run: dict, setting: str) -> str:
     text = f"default: cfg {sampling.get('cfg', 0):g}, temperature {sampling.get('temperature', 1):g}"
     if "choice_temperature" in sampling:  # measured since the choice temperature joined the grid
         text += f", choice temperature {sampling['choice_temperature']:g}"
-    return text
+    return text + (", remask" if sampling.get("remask") else "")
 
 
 def parse_args(argv=None):

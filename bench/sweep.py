@@ -65,8 +65,8 @@ VARIANTS = [
     ("ls0.1", "", "--token-views none --label-smoothing 0.1"),
     ("drop0.2", "", "--token-views none --cond-drop-prob 0.2"),
     ("mdlm", "", "--token-views none --mdlm-weight true"),
-    ("vq-fsq125", "--fsq-levels 5 5 5 --codebook-size 125", "--token-views none"),
-    ("vq-vq64", "--quantizer vq", "--token-views none"),
+    ("vq-fsq64", "--fsq-levels 4 4 4 --codebook-size 64", "--token-views none"),  # the stage-1 preset had 64 codes
+    ("vq-vq64", "--quantizer vq --codebook-size 64", "--token-views none"),
     ("wide192", "", "--token-views none --dim 192 --heads 4"),
     ("deep6", "", "--token-views none --depth 6"),
     ("vq-1200", "--steps 1200 --eval-every 400 --save-every 400", "--token-views none"),

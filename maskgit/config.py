@@ -113,12 +113,13 @@ class MaskGITTrainConfig(TrainConfig):
     tune_cfg: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0)  # guidance scales tried (class-conditional models)
     tune_temperatures: tuple[float, ...] = (1.0, 0.8)   # token temperatures tried
     tune_choice_temperatures: tuple[float, ...] = (4.5,)  # Gumbel noise scales on the confidences tried (MaskGIT's)
+    tune_remask: tuple[bool, ...] = (False, True)  # re-masking tried: off, on (SamplerConfig.remask)
     tune_samples: int = 250            # samples per setting (at least 8 per class)
 
     RESUMABLE: ClassVar[frozenset] = TrainConfig.RESUMABLE | {"critic_steps", "sample_every", "num_sample_images",
                                                               "sample_steps", "tune_sampling", "tune_cfg",
                                                               "tune_temperatures", "tune_choice_temperatures",
-                                                              "tune_samples"}
+                                                              "tune_remask", "tune_samples"}
     POSITIVE: ClassVar[tuple] = TrainConfig.POSITIVE + ("sample_every", "sample_steps", "num_sample_images",
                                                         "tune_samples")
     NON_NEGATIVE: ClassVar[tuple] = TrainConfig.NON_NEGATIVE + ("critic_steps",)
@@ -134,6 +135,8 @@ class MaskGITTrainConfig(TrainConfig):
         if not self.tune_choice_temperatures or any(t < 0 for t in self.tune_choice_temperatures):
             raise ValueError(f"tune_choice_temperatures={self.tune_choice_temperatures}: give one or more choice "
                              "temperatures >= 0")
+        if not self.tune_remask or len(set(self.tune_remask)) < len(self.tune_remask):
+            raise ValueError(f"tune_remask={self.tune_remask}: give false, true or both, once each")
         if self.train_critic not in TRAIN_CRITIC:
             raise ValueError(f"train_critic={self.train_critic!r}: choose one of {TRAIN_CRITIC}")
         if self.train_critic == "separate" and self.critic_steps < 1:
@@ -158,23 +161,23 @@ assert not {f.name for f in fields(MaskGITConfig)} & {f.name for f in fields(Mas
 
 MASKGIT_PRESETS: dict[str, tuple[MaskGITConfig, MaskGITTrainConfig]] = {
     # About 7.5 CPU-minutes on 8x8 code grids with the final sampling measurement: ~0.25M parameters with the tiny
-    # tokenizer's 64 codes. A small transformer trained for many steps beats a wider one trained for few in the
+    # tokenizer's 125 codes. A small transformer trained for many steps beats a wider one trained for few in the
     # same CPU time: width 64 x 5,000 steps at lr 2e-3, against the earlier width 128 x 2,000 steps at lr 1e-3,
     # took the shapes from 71.8% to 86.2% recognised at the run's defaults and the digits' FD from 1.2x to 1.0x
     # its real-vs-real floor (bench/learning.py, docs/recipes.md). Adaptive-LayerNorm class conditioning: on the
     # shapes, guided samples were recognised 91.8% of the time against 79.4% with a class token, on the digits
     # 98.2% against 98.0% at no guidance, for the same CPU time (bench/sweep.py, docs/recipes.md); unconditional
     # runs have no class and use neither.
-    # The sampling measurement tries guidance 0, 1, 2 x choice temperatures 4.5 and 2 at token temperature 1: in
-    # every tiny run measured it picked guidance 0 or 1, never 3, and token temperature 0.8 was never clearly
-    # better than 1, while the choice temperature moves the judge's scores as much (docs/recipes.md).
+    # The sampling measurement tries guidance 0, 1, 2, each without and with re-masking, at token temperature 1
+    # and choice temperature 4.5: in every tiny run measured it picked guidance 0 or 1, never 3; token temperature
+    # 0.8 was never clearly better than 1, nor choice temperature 2 than 4.5, while re-masking raised the shapes'
+    # guided samples by 2-3 points (docs/recipes.md).
     "tiny": (
         MaskGITConfig(dim=64, depth=4, heads=4, dropout=0.0, class_cond_mode="adaln"),
         MaskGITTrainConfig(
             steps=5000, batch_size=32, lr=2e-3, weight_decay=0.01, betas=(0.9, 0.99), warmup_steps=250,
             ema_decay=0.999, eval_every=500, sample_every=1000, sample_steps=8, num_sample_images=16,
             save_every=1000, num_eval_images=256, num_workers=0, tune_cfg=(0.0, 1.0, 2.0), tune_temperatures=(1.0,),
-            tune_choice_temperatures=(4.5, 2.0),
         ),
     ),
     # A GPU run on CIFAR-10 codes (8x8 from the "cifar10" tokenizer; ~38M parameters).

@@ -46,6 +46,7 @@ from .config import MaskGITConfig
 from .editing import box_mask, cell_pixels, image_mask, keep_mask, token_mask
 from .sampler import CFG_SCHEDULES, STRATEGIES, CompiledSampler, SamplerConfig, sample
 from .schedules import SCHEDULES
+from .tune import MEASURED, setting_text
 
 DEFAULTS = SamplerConfig()
 TMP_ARRAY = ".samples.tmp.npy"  # filled row by row by every process, then stored into samples.npz
@@ -95,7 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"measured default, else {DEFAULTS.cfg:g})")
     s.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=DEFAULTS.cfg_schedule,
                    help="constant w, or linear from 0 at the first step to w at the last")
-    s.add_argument("--remask", action="store_true", help="let later steps re-mask tokens drawn earlier")
+    s.add_argument("--remask", action=argparse.BooleanOptionalAction,
+                   help="let later steps re-mask tokens drawn earlier (default: the run's measured default, else "
+                        "off; never with --strategy halton)")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer forward (GPU; off by default: whether it pays is measured by "
                         "bench/gpu_check.py; on the CPU sampling runs eagerly, with a note)")
@@ -130,18 +133,18 @@ def check_args(args) -> None:
         fail("--invert-mask needs --init-image and a region (--mask-box or --mask-image)")
 
 
-MEASURED = ("cfg", "temperature", "choice_temperature")  # the settings a run measures (maskgit.tune)
-
-
 def measured_defaults(args, run: Run) -> tuple[dict, str]:
-    """{cfg, temperature, choice_temperature} to sample with, and where they came from: the command line, else the
-    defaults the run measured at the end of training (config.json "sampling", maskgit.tune; runs from before the
-    choice temperature was measured recorded none), else SamplerConfig's."""
+    """{cfg, temperature, choice_temperature, remask} to sample with, and where they came from: the command line,
+    else the defaults the run measured at the end of training (config.json "sampling", maskgit.tune; runs from
+    before the choice temperature or re-masking joined the measurement recorded none), else SamplerConfig's."""
     measured = run.config.get("sampling") or {}
+    kinds = {"remask": bool}
     values = {name: getattr(args, name) if getattr(args, name) is not None else
-              float(measured.get(name, getattr(DEFAULTS, name))) for name in MEASURED}
+              kinds.get(name, float)(measured.get(name, getattr(DEFAULTS, name))) for name in MEASURED}
     if run.config.get("num_classes", 0) == 0 and args.cfg is None:
         values["cfg"] = DEFAULTS.cfg  # guidance needs classes
+    if args.strategy == "halton" and args.remask is None:
+        values["remask"] = False  # the fixed order takes nothing back; the measurement used the confidence order
     if measured and any(getattr(args, name) is None for name in MEASURED):
         source = (f"measured at the end of training ({measured.get('metric', 'FD')} on held-out data at "
                   f"{measured.get('steps', '?')} steps; see config.json \"sampling\")")
@@ -154,7 +157,7 @@ def measured_defaults(args, run: Run) -> tuple[dict, str]:
 
 def sampler_config(args, run: Run) -> SamplerConfig:
     """SamplerConfig from the command line (its own validation applies); the schedule defaults to the model's,
-    guidance, temperature and choice temperature to the run's measured defaults."""
+    guidance, temperature, choice temperature and re-masking to the run's measured defaults."""
     values, source = measured_defaults(args, run)
     try:
         config = SamplerConfig(
@@ -162,12 +165,11 @@ def sampler_config(args, run: Run) -> SamplerConfig:
             temperature=values["temperature"],
             temperature_end=values["temperature"] if args.temperature_end is None else args.temperature_end,
             choice_temperature=values["choice_temperature"], critic_noise=args.critic_noise, top_k=args.top_k,
-            top_p=args.top_p, cfg=values["cfg"], cfg_schedule=args.cfg_schedule, remask=args.remask,
+            top_p=args.top_p, cfg=values["cfg"], cfg_schedule=args.cfg_schedule, remask=values["remask"],
         )
     except ValueError as err:
         fail(f"sampler setting: {err}")
-    print(f"sampling with cfg {values['cfg']:g}, temperature {values['temperature']:g}, choice temperature "
-          f"{values['choice_temperature']:g}: {source}")
+    print(f"sampling with {setting_text(values)}: {source}")
     return config
 
 

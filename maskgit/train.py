@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", help="'cifar10', 'shapes', a folder of images or hf:NAME_OR_PATH (docs/data.md; "
                         "default: the tokenizer's data)")
     parser.add_argument("--data-root", help="where cifar-10-batches-py lives (default: the tokenizer's)")
-    parser.add_argument("--preset", default="tiny", choices=sorted(MASKGIT_PRESETS), help="named model + training setup")
+    parser.add_argument("--preset", default="tiny", choices=sorted(MASKGIT_PRESETS),
+                        help="named model + training setup")
     add_run_args(parser, "config, weights, metrics, samples, checkpoints")
     parser.add_argument("--cache-dir", help="where encoded datasets are cached (default: VQ_RUN/token_cache for our "
                         "tokenizers, OUT/token_cache for published ones)")
@@ -331,7 +332,7 @@ def train(accelerator, model, forward_model, ema, optimizer, scheduler, data_for
 
 def record_sampling_defaults(accelerator, model, vq, held_out, cfg: MaskGITTrainConfig, run_dir: Path, meta: dict,
                              step: int, train_grids=None) -> None:
-    """Score cfg.tune_cfg x cfg.tune_temperatures x cfg.tune_choice_temperatures on held-out data (maskgit.tune,
+    """Score cfg.tune_cfg x tune_temperatures x tune_choice_temperatures x tune_remask on held-out data (maskgit.tune,
     main process) and store the best in config.json["sampling"], where sample.py finds its defaults. The class
     fidelity classifier learns from a seeded pick of CLASSIFIER_GRIDS training grids (as given, not mirrored)."""
     if accelerator.is_main_process:
@@ -346,7 +347,8 @@ def record_sampling_defaults(accelerator, model, vq, held_out, cfg: MaskGITTrain
         result = tune_sampling(model, vq, codes[:count, 0].flatten(1).long(),
                                None if labels is None else labels[:count].long(), cfgs=cfg.tune_cfg,
                                temperatures=cfg.tune_temperatures,
-                               choice_temperatures=cfg.tune_choice_temperatures, num_samples=cfg.tune_samples,
+                               choice_temperatures=cfg.tune_choice_temperatures, remasks=cfg.tune_remask,
+                               num_samples=cfg.tune_samples,
                                steps=cfg.sample_steps, seed=cfg.seed, train_codes=grids, train_labels=grid_labels)
         accelerator.print(describe(result))
         meta["sampling"] = result

@@ -1,17 +1,18 @@
-"""Sampling defaults measured at the end of training: which guidance scale, token temperature and choice
-temperature (the Gumbel noise on the confidences that decides which tokens each step keeps) give the best samples?
+"""Sampling defaults measured at the end of training: which guidance scale, token temperature, choice
+temperature (the Gumbel noise on the confidences that decides which tokens each step keeps) and re-masking (later
+steps may take back tokens drawn earlier) give the best samples?
 
-Every (cfg, temperature, choice temperature) setting of the grid samples the same number of images (fixed seed,
-`steps` steps, the other sampler settings at their defaults), decoded by the run's tokenizer, and is scored against
-the held-out code grids decoded the same way (the tokenizer's reconstructions: what a perfect generator on this
+Every (cfg, temperature, choice temperature, remask) setting of the grid samples the same number of images (fixed
+seed, `steps` steps, the other sampler settings at their defaults), decoded by the run's tokenizer, and is scored
+against the held-out code grids decoded the same way (the tokenizer's reconstructions: what a perfect generator on this
 tokenizer would give):
 
 * features: the images area-averaged to 8x8 pixels (192 numbers), projected on the 32 principal directions of
   the held-out features (a space small enough for tens of images per class to estimate a covariance);
 * class-conditional models, two scores:
   - class fidelity: the share of samples that a small classifier of code grids (`CodeClassifier`, trained for
-    this on up to 10,000 of the run's training grids, about 15 CPU-seconds at 8x8) assigns to the class they were asked
-    for. Guidance exists to raise it. It reads the tokens the generator writes, so it needs no decoding; its
+    this on up to 10,000 of the run's training grids, about 15 CPU-seconds at 8x8) assigns to the class they were
+    asked for. Guidance exists to raise it. It reads the tokens the generator writes, so it needs no decoding; its
     accuracy on the held-out grids is recorded beside it;
   - the intra-class Frechet distance (Miyato & Koyama 2018, "intra-FID"): the mean over classes of the distance
     between the samples asked for class c and the held-out images of class c; with fewer than MIN_PER_CLASS
@@ -22,13 +23,13 @@ tokenizer would give):
 
 The pick: the settings whose class fidelity is within two binomial standard errors of the best,
 2 sqrt(p (1 - p) / n) with p = (f n + 1) / (n + 2) for the best fidelity f over n samples (the settings the
-measurement cannot tell apart from it),
-and among them the smallest distance; distances within 1% of that go to the weaker guidance, then the temperature
-nearer 1, then the choice temperature listed first. So guidance is bought while it measurably raises class
-fidelity, and the least of it that does. Without classes (or training grids) the fidelity step is skipped. The
-result is stored in the run's config.json under "sampling" (the grid, every score and the pick) and sample.py
-uses it unless told otherwise. The bench (bench/learning.py, docs/recipes.md) checks the pick against the strict
-external judge.
+measurement cannot tell apart from it), and among them the smallest distance; distances within 1% of that go to
+the weaker guidance, then the temperature nearer 1, then the setting listed first (choice temperature, then
+re-masking: off is listed first). So guidance and re-masking, which both trade diversity for class fidelity, are
+bought while they measurably raise it, and the least guidance that does. Without classes (or training grids) the
+fidelity step is skipped. The result is stored in the run's config.json under "sampling" (the grid, every score and
+the pick) and sample.py uses it unless told otherwise. The bench (bench/learning.py, docs/recipes.md) checks the
+pick against the strict external judge.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ CLASSIFIER_STEPS = 600
 CLASSIFIER_BATCH = 128
 CLASSIFIER_WIDTH = 32
 TIE = 0.01
+MEASURED = ("cfg", "temperature", "choice_temperature", "remask")  # the settings a measurement records
 
 
 def features(images: torch.Tensor) -> np.ndarray:
@@ -135,7 +137,7 @@ def pick(scores: list[dict], samples: int | None = None) -> dict:
     """With class fidelities (and `samples`, their sample count): only the settings within FIDELITY_BAND binomial
     standard errors of the best fidelity (the error of (hits + 1) / (samples + 2), Laplace's estimate, so that
     100% of 250 is not taken as exact). Among those, the lowest distance; within TIE of it, the weakest guidance,
-    then the temperature nearest 1, then the choice temperature listed first (scores are in grid order)."""
+    then the temperature nearest 1, then the setting listed first (scores are in grid order)."""
     if samples and all("fidelity" in s for s in scores):
         top = max(s["fidelity"] for s in scores)
         p = (top * samples + 1) / (samples + 2)  # one hit and one miss added: a perfect score keeps an error
@@ -148,16 +150,16 @@ def pick(scores: list[dict], samples: int | None = None) -> dict:
 
 @torch.no_grad()
 def tune_sampling(model, tokenizer, held_out_codes: torch.Tensor, held_out_labels: torch.Tensor | None, *,
-                  cfgs, temperatures, num_samples: int, steps: int, choice_temperatures=None,
+                  cfgs, temperatures, num_samples: int, steps: int, choice_temperatures=None, remasks=None,
                   batch_size: int = 250, seed: int = 0, max_classes: int = 10,
                   train_codes: torch.Tensor | None = None, train_labels: torch.Tensor | None = None) -> dict:
-    """Score every (cfg, temperature, choice temperature) and return {"cfg", "temperature", "choice_temperature",
-    "steps", "metric", "scores", ...}.
+    """Score every (cfg, temperature, choice temperature, remask) and return {"cfg", "temperature",
+    "choice_temperature", "remask", "steps", "metric", "scores", ...}.
 
     held_out_codes (n, h*w) and held_out_labels (n,) (ignored for an unconditional model); the samples ask for the
     classes in equal numbers (at most `max_classes` of them, evenly spread, with their held-out images).
-    choice_temperatures None: the sampler's default alone. train_codes (n, h*w) and train_labels (n,): what the
-    class-fidelity classifier learns from (none: the distance alone decides)."""
+    choice_temperatures and remasks None: the sampler's default alone. train_codes (n, h*w) and train_labels (n,):
+    what the class-fidelity classifier learns from (none: the distance alone decides)."""
     device = model.device
     conditional = model.num_classes > 0 and held_out_labels is not None
     codes, labels = held_out_codes.cpu(), held_out_labels.cpu() if conditional else None
@@ -189,9 +191,10 @@ def tune_sampling(model, tokenizer, held_out_codes: torch.Tensor, held_out_label
         want = None
     count = len(want) if conditional else num_samples
     choices = choice_temperatures or (SamplerConfig.choice_temperature,)
-    grid = list(itertools.product(cfgs if conditional else [0.0], temperatures, choices))
+    remasks = remasks or (SamplerConfig.remask,)
+    grid = list(itertools.product(cfgs if conditional else [0.0], temperatures, choices, remasks))
     scores = []
-    for cfg, temperature, choice in grid:
+    for cfg, temperature, choice, remask in grid:
         generator = torch.Generator(device=device).manual_seed(seed)
         feats, hits = [], 0
         for start in range(0, count, batch_size):
@@ -199,14 +202,14 @@ def tune_sampling(model, tokenizer, held_out_codes: torch.Tensor, held_out_label
             batch_labels = want[start:start + b].to(device) if conditional else None
             out = model.generate(batch_size=b, labels=batch_labels, steps=steps, cfg=cfg,
                                  temperature=temperature, temperature_end=temperature, choice_temperature=choice,
-                                 generator=generator)
+                                 remask=bool(remask), generator=generator)
             feats.append(features(tokenizer.decode(out.view(b, *model.grid)).clamp(-1, 1)))
             if classifier is not None:
                 hits += int((classifier(out).argmax(1) == batch_labels).sum())
         value, metric = distance(project(np.concatenate(feats)), want.numpy() if conditional else None,
                                  ref, ref_labels)
         score = {"cfg": float(cfg), "temperature": float(temperature), "choice_temperature": float(choice),
-                 "distance": value}
+                 "remask": bool(remask), "distance": value}
         if classifier is not None:
             score["fidelity"] = hits / count
         scores.append(score)
@@ -215,8 +218,7 @@ def tune_sampling(model, tokenizer, held_out_codes: torch.Tensor, held_out_label
     if classifier is not None:
         metric = f"class fidelity (code classifier), then {metric}"
         extra["classifier_held_out_accuracy"] = classifier.accuracy(codes.to(device), labels.to(device))
-    return {"cfg": best["cfg"], "temperature": best["temperature"], "choice_temperature": best["choice_temperature"],
-            "steps": steps, "metric": metric, **extra,
+    return {**{k: best[k] for k in MEASURED}, "steps": steps, "metric": metric, **extra,
             "samples_per_setting": count, "held_out": len(codes), "scores": scores}
 
 
@@ -226,10 +228,15 @@ def describe(result: dict) -> str:
              f"held-out images, {result['samples_per_setting']} samples each"
              + (f"; the classifier recognises {result['classifier_held_out_accuracy']:.1%} of the held-out grids"
                 if "classifier_held_out_accuracy" in result else "") + "):"]
-    key = ("cfg", "temperature", "choice_temperature")
     for s in result["scores"]:
-        mark = "  <- picked" if all(s.get(k) == result.get(k) for k in key) else ""
+        mark = "  <- picked" if all(s.get(k) == result.get(k) for k in MEASURED) else ""
         shown = f"class fidelity {s['fidelity']:.1%}, " if "fidelity" in s else ""
-        lines.append(f"  cfg {s['cfg']:g}, temperature {s['temperature']:g}, choice temperature "
-                     f"{s['choice_temperature']:g}: {shown}distance {s['distance']:.4g}{mark}")
+        lines.append(f"  {setting_text(s)}: {shown}distance {s['distance']:.4g}{mark}")
     return "\n".join(lines)
+
+
+def setting_text(setting: dict) -> str:
+    """"cfg 1, temperature 1, choice temperature 4.5, remask" for a measured setting or a sampler's values."""
+    text = (f"cfg {setting['cfg']:g}, temperature {setting['temperature']:g}, choice temperature "
+            f"{setting['choice_temperature']:g}")
+    return text + (", remask" if setting.get("remask") else "")

@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A model small enough that a 12-step run takes seconds on 2 cores: 16px images, 4x4 codes.
 TINY_MODEL = ["--image-size", "16", "--channels", "16", "--max-channels", "32", "--norm-groups", "8",
-              "--num-res-blocks", "1", "--latent-dim", "8", "--codebook-size", "64", "--kmeans-iters", "2"]
+              "--num-res-blocks", "1", "--latent-dim", "8", "--codebook-size", "64", "--fsq-levels", "4", "4", "4",
+              "--kmeans-iters", "2"]
 TINY_TRAIN = ["--batch-size", "8", "--num-eval-images", "16", "--steps", "12", "--save-every", "4",
               "--eval-every", "6", "--num-workers", "0", "--warmup-steps", "2"]
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import vq_gan
+from vqvae.config import VQ_PRESETS
 from conftest import run_script, table_rows
 
 
@@ -76,7 +77,7 @@ def test_vq_gan_quick_prints_both_variants():
         usage, perplexity = float(r[5].rstrip("%")), float(r[6])
         wall_ms, cpu_ms = float(r[-2]), float(r[-1])
         assert 5 < psnr < 60 and -1 < ssim <= 1 and 0 < sharp < 10 and math.isfinite(sharp)
-        assert 0 < usage <= 100 and 1 <= perplexity <= 64  # the tiny preset: FSQ (4, 4, 4) = 64 codes
+        assert 0 < usage <= 100 and 1 <= perplexity <= VQ_PRESETS["tiny"][0].effective_codebook_size
         assert wall_ms > 0 and cpu_ms > 0
     verdicts = re.findall(r"^- (PSNR|SSIM|sharpness|codebook|time): mse\+gan ", out, flags=re.M)
     assert sorted(set(verdicts)) == ["PSNR", "SSIM", "codebook", "sharpness", "time"]

@@ -104,15 +104,15 @@ def test_npz_holds_uint8_images_and_balanced_labels(first):
 
 @pytest.mark.slow
 def test_sampling_defaults_are_the_runs_measured_ones_unless_given(runs, tmp_path, capsys):
-    """sample.py takes cfg, temperature and choice temperature from the run's config.json "sampling" (measured at
-    the end of training), says so, and lets the command line override each; a run without them uses the built-in
-    ones."""
+    """sample.py takes cfg, temperature, choice temperature and re-masking from the run's config.json "sampling"
+    (measured at the end of training), says so, and lets the command line override each; a run without them uses
+    the built-in ones."""
     config = json.loads((runs["cond"] / "config.json").read_text())
     measured = config["sampling"]
-    key = ("cfg", "temperature", "choice_temperature")
-    # the tiny preset's grid: guidance 0, 1, 2 x temperature 1 x choice temperatures 4.5 and 2
+    key = ("cfg", "temperature", "choice_temperature", "remask")
+    # the tiny preset's grid: guidance 0, 1, 2 x temperature 1 x choice temperature 4.5 x re-masking off, on
     assert [tuple(s[k] for k in key) for s in measured["scores"]] == [
-        (w, 1.0, c) for w in (0.0, 1.0, 2.0) for c in (4.5, 2.0)]
+        (w, 1.0, 4.5, r) for w in (0.0, 1.0, 2.0) for r in (False, True)]
     assert tuple(measured[k] for k in key) in {tuple(s[k] for k in key) for s in measured["scores"]}
 
     def sampler_used(run, *extra):
@@ -130,9 +130,11 @@ def test_sampling_defaults_are_the_runs_measured_ones_unless_given(runs, tmp_pat
     sampler, err = sampler_used(runs["cond"], "--cfg", "0.5", "--temperature", "0.9")
     assert (sampler["cfg"], sampler["temperature"]) == (0.5, 0.9) and "measured at the end of training" in err
     assert sampler["choice_temperature"] == measured["choice_temperature"]
-    sampler, err = sampler_used(runs["cond"], "--cfg", "0.5", "--temperature", "0.9", "--choice-temperature", "1.5")
+    assert sampler["remask"] == measured["remask"]
+    sampler, err = sampler_used(runs["cond"], "--cfg", "0.5", "--temperature", "0.9", "--choice-temperature", "1.5",
+                                "--remask" if not measured["remask"] else "--no-remask")
     assert (sampler["cfg"], sampler["temperature"], sampler["choice_temperature"]) == (0.5, 0.9, 1.5)
-    assert "given on the command line" in err
+    assert sampler["remask"] != measured["remask"] and "given on the command line" in err
 
     old = tmp_path / "old_run"
     old.mkdir()
@@ -150,8 +152,17 @@ def test_sampling_defaults_are_the_runs_measured_ones_unless_given(runs, tmp_pat
     config["sampling"] = measured
     (old / "config.json").write_text(json.dumps(config))
     sampler, err = sampler_used(old)
-    assert (sampler["cfg"], sampler["temperature"], sampler["choice_temperature"]) == (
-        measured["cfg"], measured["temperature"], SamplerConfig().choice_temperature)
+    assert (sampler["cfg"], sampler["temperature"], sampler["choice_temperature"], sampler["remask"]) == (
+        measured["cfg"], measured["temperature"], SamplerConfig().choice_temperature, SamplerConfig().remask)
+    # re-masking measured on: used, said, and left out for the fixed halton order (which takes nothing back)
+    config["sampling"] = {**measured, "remask": True}
+    (old / "config.json").write_text(json.dumps(config))
+    sampler, err = sampler_used(old)
+    assert sampler["remask"] is True and ", remask: measured at the end of training" in err
+    sampler, err = sampler_used(old, "--sampler", "halton")
+    assert sampler["remask"] is False and sampler["strategy"] == "halton"
+    sampler, err = sampler_used(old, "--no-remask")
+    assert sampler["remask"] is False and sampler["cfg"] == measured["cfg"]
 
 
 @pytest.mark.slow
@@ -171,7 +182,7 @@ def test_meta_records_the_settings(first, runs):
     measured = json.loads((runs["cond"] / "config.json").read_text())["sampling"]  # recorded by train_maskgit
     expected = SamplerConfig(steps=STEPS, cfg=measured["cfg"], temperature=measured["temperature"],
                              temperature_end=measured["temperature"],
-                             choice_temperature=measured["choice_temperature"])
+                             choice_temperature=measured["choice_temperature"], remask=measured["remask"])
     assert meta["sampler"] == {f.name: getattr(expected, f.name) for f in fields(SamplerConfig)}
     assert (meta["seed"], meta["num"], meta["batch_size"], meta["num_processes"]) == (0, NUM, BATCH, 1)
     assert "i % 10" in meta["labels"] and meta["torch"] == torch.__version__

@@ -30,8 +30,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 STEPS, BATCH, EVAL_IMAGES, KEEP_LAST, CODEBOOK, CLASSES = 12, 16, 16, 2, 64, 10
 TINY_MASKGIT = ["--dim", "32", "--depth", "1", "--heads", "2", "--batch-size", BATCH, "--num-eval-images", EVAL_IMAGES,
                 "--steps", STEPS, "--save-every", "4", "--eval-every", "6", "--sample-every", "6",
-                "--num-sample-images", "10", "--keep-last", KEEP_LAST, "--tune-cfg", "0", "2", "--tune-temperatures", "1",
-                "--tune-choice-temperatures", "4.5", "--tune-samples", "20"]
+                "--num-sample-images", "10", "--keep-last", KEEP_LAST, "--tune-cfg", "0", "2",
+                "--tune-temperatures", "1", "--tune-choice-temperatures", "4.5", "--tune-remask", "false", "true",
+                "--tune-samples", "20"]
 CRITIC_KEYS = {"critic_loss", "eval_critic_loss", "eval_critic_acc"}
 
 
@@ -163,10 +164,11 @@ def test_run_folder_is_complete(reference_run, vq_run, tiny_labelled_images):
 
     # sampling defaults measured at the end: both guidance scales scored, the pick recorded for sample.py
     sampling = config["sampling"]
-    assert [(s["cfg"], s["temperature"], s["choice_temperature"]) for s in sampling["scores"]] == [
-        (0.0, 1.0, 4.5), (2.0, 1.0, 4.5)]
+    assert [(s["cfg"], s["temperature"], s["choice_temperature"], s["remask"]) for s in sampling["scores"]] == [
+        (0.0, 1.0, 4.5, False), (0.0, 1.0, 4.5, True), (2.0, 1.0, 4.5, False), (2.0, 1.0, 4.5, True)]
     chosen = pick(sampling["scores"], sampling["samples_per_setting"])  # class fidelity first, then the distance
-    assert (sampling["cfg"], sampling["temperature"]) == (chosen["cfg"], chosen["temperature"])
+    assert ((sampling["cfg"], sampling["temperature"], sampling["remask"])
+            == (chosen["cfg"], chosen["temperature"], chosen["remask"]))
     assert all(0 <= s["fidelity"] <= 1 for s in sampling["scores"])
     # 16 held-out images: too few per class for the intra-class distance, so the pooled one
     assert sampling["steps"] == 8 and sampling["metric"] == "class fidelity (code classifier), then FD"

@@ -21,7 +21,7 @@ import torch
 from core.stats import frechet_distance
 from maskgit.config import MaskGITConfig, MaskGITTrainConfig
 from maskgit.model import build_maskgit
-from maskgit.tune import (MIN_PER_CLASS, Projection, distance, features, pick, train_code_classifier,
+from maskgit.tune import (MIN_PER_CLASS, Projection, describe, distance, features, pick, train_code_classifier,
                           tune_sampling)
 from vqvae.config import VQ_PRESETS
 from vqvae.model import VQVAE
@@ -73,6 +73,10 @@ def test_pick_prefers_weaker_guidance_and_temperature_near_one_within_one_percen
     assert pick(scores) == scores[0]
     scores[0]["distance"] = 10.2
     assert pick(scores) == scores[1]
+    # ... and re-masking off before on, as the grid lists them
+    scores = [dict(cfg=1.0, temperature=1.0, remask=False, distance=10.05),
+              dict(cfg=1.0, temperature=1.0, remask=True, distance=10.0)]
+    assert pick(scores) == scores[0]
 
 
 def test_the_code_classifier_learns_which_codes_mark_a_class_and_leaves_the_global_rng_alone():
@@ -133,6 +137,10 @@ def test_the_grid_must_have_every_axis_in_range():
             MaskGITTrainConfig(tune_choice_temperatures=bad).validate()
     with pytest.raises(ValueError, match="tune_temperatures"):
         MaskGITTrainConfig(tune_temperatures=(0.0,)).validate()
+    MaskGITTrainConfig(tune_remask=(True,)).validate()
+    for bad in ((), (False, False)):
+        with pytest.raises(ValueError, match="tune_remask"):
+            MaskGITTrainConfig(tune_remask=bad).validate()
 
 
 def test_features_and_projection():
@@ -188,6 +196,14 @@ def test_tune_sampling_scores_every_setting_and_records_the_pick(tiny_pair):
         "choice_temperature"]
     assert crossed["scores"][0]["distance"] == result["scores"][0]["distance"]  # same seed, same setting
     assert crossed["scores"][1]["distance"] != crossed["scores"][0]["distance"]  # the noise changes the samples
+    assert {s["remask"] for s in result["scores"] + crossed["scores"]} == {False}  # the sampler's default
+    # re-masking is a fourth axis, recorded with the pick; it changes the samples
+    remasked = tune_sampling(model, tokenizer, codes, labels, cfgs=(0.0,), temperatures=(1.0,),
+                             remasks=(False, True), num_samples=32, steps=4, **train)
+    assert [s["remask"] for s in remasked["scores"]] == [False, True]
+    assert remasked["remask"] == pick(remasked["scores"], remasked["samples_per_setting"])["remask"]
+    assert remasked["scores"][0]["distance"] != remasked["scores"][1]["distance"]
+    assert "choice temperature 4.5, remask: " in describe(remasked)
     # an unconditional model: guidance is not searched
     uncond = build_maskgit(MaskGITConfig(dim=32, depth=1, heads=2, class_cond=False),
                            codebook_size=tokenizer.codebook_size, grid=model.grid, num_classes=0).eval()
