@@ -210,7 +210,8 @@ def knn_radii(feats: np.ndarray, k: int = K_NEIGHBOURS) -> torch.Tensor:
 def coverage_of(points: np.ndarray, manifold: np.ndarray, k: int = K_NEIGHBOURS) -> float:
     """Share of `points` inside the union of the k-NN balls of `manifold` (Kynkaenniemi et al. 2019)."""
     radii = knn_radii(manifold, k)  # (m,)
-    inside = [(_pairwise(chunk, manifold) <= radii).any(1) for chunk in np.array_split(points, max(1, len(points) // 1024))]
+    chunks = np.array_split(points, max(1, len(points) // 1024))
+    inside = [(_pairwise(chunk, manifold) <= radii).any(1) for chunk in chunks]
     return float(torch.cat(inside).double().mean())
 
 
@@ -360,8 +361,9 @@ class Judge:
     def describe(self) -> str:
         """One line on how the judge was built and its ceilings."""
         i = self.info
-        return (f"CNN (width {i.get('width')}, {self.held_out_features.shape[1]}-d features) trained on {i.get('train')} "
-                f"real images at {self.image_size[0]}x{self.image_size[1]} for {i.get('steps')} updates, no "
+        return (f"CNN (width {i.get('width')}, {self.held_out_features.shape[1]}-d features) trained on "
+                f"{i.get('train')} real images at {self.image_size[0]}x{self.image_size[1]} for {i.get('steps')} "
+                f"updates, no "
                 f"augmentation; ceiling (held-out real accuracy, {i.get('held_out')} images) {self.ceiling:.1%}. "
                 f"Cross-check: {self.cross_check.name} trained on {i.get('cross_check_train')} images, held-out "
                 f"accuracy {self.cross_check_ceiling:.1%}. Fit in {i.get('cpu_s', float('nan')):.0f} s CPU")

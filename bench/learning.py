@@ -224,8 +224,8 @@ def report(args, work, data, vq_metrics, vq_wall, vq_cpu, mg_last, mg_wall, mg_c
     print("### (B) Stage 2: train_maskgit.py --preset tiny, class-conditional; sample.py at "
           f"{SAMPLE_STEPS} steps\n")
     print(f"stage 2 (encoding + training): {mg_wall:.0f} s wall, {mg_cpu:.0f} s CPU; held-out masked accuracy "
-          f"{mg_last.get('eval_masked_acc', float('nan')):.3f}, masked loss {mg_last.get('eval_loss', float('nan')):.3f} "
-          f"at step {mg_last['step']}\n")
+          f"{mg_last.get('eval_masked_acc', float('nan')):.3f}, masked loss "
+          f"{mg_last.get('eval_loss', float('nan')):.3f} at step {mg_last['step']}\n")
     n = rows[0]["n"] if rows else 0
     floor = judge.floor(n)
     print(f"judge (bench/judge.py): {judge.describe()}\n")

@@ -327,8 +327,8 @@ def main(argv=None):
               machine_line(device) + f"; {'bf16' if device.type == 'cuda' else 'fp32'} matmul peak {fmt(peak)} GFLOP/s"
               + (" (runs under bf16 autocast)" if device.type == "cuda" else "")
               + ("; torch.compile" if args.compile else ""), "",
-              f"FLOPs per sequence per forward (FlopCounterMode, attention as plain matmuls): {fmt(flops_cond / 1e6)} M with the class token, "
-              f"{fmt(flops_uncond / 1e6)} M without.", ""]
+              f"FLOPs per sequence per forward (FlopCounterMode, attention as plain matmuls): "
+              f"{fmt(flops_cond / 1e6)} M with the class token, {fmt(flops_uncond / 1e6)} M without.", ""]
 
     headers = ["steps", "batch", "ours img/s", "ours ms", "reference img/s", "reference ms", "ours / reference",
                "outside fwd, ours", "outside fwd, reference", "ours GFLOP/s", "of matmul peak"]

@@ -8,10 +8,10 @@ Each row times the update the training scripts make, through their own code: `co
 non-finite check, backward, gradient clipping, AdamW step, LR schedule, and for stage 2 the EMA update of
 `core.train.make_ema`) on an Accelerator from `core.accel.make_accelerator`, with the stages' optimizers
 (`vqvae.train.build_optimizer`, `maskgit.train.build_optimizer`), in-process and at the preset's batch size; stage
-2's update is the joint generator + critic one. Data loading is left out: stage 1 reads a fixed batch of `shapes` images, stage 2 random codes (the cost of a
-step does not depend on the code values). Peak memory is what the GPU allocator saw (`max_memory_allocated`) or,
-on the CPU, the growth of the process's resident memory from before the model was built (sampled every 2 ms, so
-a lower bound).
+2's update is the joint generator + critic one. Data loading is left out: stage 1 reads a fixed batch of `shapes`
+images, stage 2 random codes (the cost of a step does not depend on the code values). Peak memory is what the GPU
+allocator saw (`max_memory_allocated`) or, on the CPU, the growth of the process's resident memory from before the
+model was built (sampled every 2 ms, so a lower bound).
 """
 
 from __future__ import annotations

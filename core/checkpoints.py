@@ -274,7 +274,8 @@ class Checkpoints:
         return int(flags.sum()) == 0
 
     def _legacy_files(self, path: Path) -> dict:
-        """{name: file} of an earlier release's custom_checkpoint_N.pkl, for the extra state that has no file of ours."""
+        """{name: file} of an earlier release's custom_checkpoint_N.pkl, for the extra state that has no file of
+        ours."""
         if not self.extra_state or any((path / f"{name}.json").is_file() or (path / f"{name}.safetensors").is_file()
                                        for name in self.extra_state):
             return {}

@@ -921,8 +921,9 @@ class ShapesDataset(ImageDataset):
 
     Each image is one shape, 60-76% of the image wide, near the centre, in one of 6 saturated colours on
     a dark or light grey background. The variation is kept small on purpose: the `tiny` presets of both
-    stages can learn it in CPU minutes, so the first run shows recognisable samples. Image i of a split is drawn from a torch.Generator seeded from (split, i) and has label
-    i % 10, so any prefix of a split is balanced and reproducible on every machine.
+    stages can learn it in CPU minutes, so the first run shows recognisable samples. Image i of a split is drawn
+    from a torch.Generator seeded from (split, i) and has label i % 10, so any prefix of a split is balanced and
+    reproducible on every machine.
     """
 
     def __init__(self, image_size: int, split: str = "train", num_images: int | None = None, **kwargs):

@@ -103,7 +103,8 @@ def model_card(config: dict, metrics: dict, repo_id: str, files: list[str], toke
         "---", "library_name: maskgit-toolkit", "tags: [maskgit, vq-vae, image-generation]", "---", "",
         f"# {repo_id}", "",
         ("A stage-2 MaskGIT transformer" if stage == "maskgit" else "A stage-1 VQ tokenizer") +
-        f" trained with maskgit-toolkit (preset `{data.get('preset', '?')}`, data `{Path(str(data.get('data', '?'))).name}`,"
+        f" trained with maskgit-toolkit (preset `{data.get('preset', '?')}`,"
+        f" data `{Path(str(data.get('data', '?'))).name}`,"
         f" step {config.get('step', '?')}).", "",
         "## Use", "", "```bash",
     ]

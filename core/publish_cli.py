@@ -30,6 +30,7 @@ def main(argv=None) -> None:
             staged = stage_for_upload(args.run, args.dry_run, args.repo)
             print(f"wrote the upload for {args.repo} to {staged} (nothing uploaded)")
             return
-        print(f"published {args.run} as {args.repo}: {publish(args.run, args.repo, private=args.private, revision=args.revision)}")
+        url = publish(args.run, args.repo, private=args.private, revision=args.revision)
+        print(f"published {args.run} as {args.repo}: {url}")
     except (HubError, RunFolderError) as err:
         fail(str(err))

@@ -26,7 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from .cli import RUN_SOURCES, ClearError, ConfigError, apply_overrides, config_from_dict, explicit_overrides, fail, given
+from .cli import (RUN_SOURCES, ClearError, ConfigError, apply_overrides, config_from_dict, explicit_overrides, fail,
+                  given)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

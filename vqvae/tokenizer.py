@@ -490,5 +490,6 @@ def tokenizer_from_source(source: dict, *, device="cpu") -> Tokenizer:
     tokenizer = load_tokenizer_from(where, **options)
     if source.get("weights_sha256") and tokenizer.source.get("weights_sha256") != source["weights_sha256"]:
         raise TokenizerSourceError(f"the tokenizer at {where} is not the one recorded: its weights changed "
-                                   f"(recorded sha256 {source['weights_sha256']}, now {tokenizer.source.get('weights_sha256')})")
+                                   f"(recorded sha256 {source['weights_sha256']}, now "
+                                   f"{tokenizer.source.get('weights_sha256')})")
     return tokenizer
