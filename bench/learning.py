@@ -35,6 +35,7 @@ The run folders vq/, maskgit/ and samples_cfg*/ there are replaced on every run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -50,6 +51,8 @@ import torch
 
 from common import REPO, cpu_model, fmt, markdown_table, usable_cores, verdict
 from judge import Judge, binomial_std, load_real
+from maskgit.sampler import SamplerConfig
+from maskgit.tune import setting_text
 
 TARGET_PSNR, TARGET_USAGE, TARGET_VQ_CPU_S = 25.0, 0.5, 180.0
 # (B) targets: recognised at the run's measured sampling defaults and at the best setting tried; any other
@@ -77,11 +80,7 @@ def used_settings(mg_run: dict, setting: str) -> str:
     """What sample.py used for a setting: the measured defaults are read back from the run's config.json."""
     if setting != "default":
         return f"cfg {setting}"
-    sampling = mg_run.get("sampling") or {}
-    text = f"default: cfg {sampling.get('cfg', 0):g}, temperature {sampling.get('temperature', 1):g}"
-    if "choice_temperature" in sampling:  # measured since the choice temperature joined the grid
-        text += f", choice temperature {sampling['choice_temperature']:g}"
-    return text + (", remask" if sampling.get("remask") else "")
+    return "default: " + setting_text({**dataclasses.asdict(SamplerConfig()), **(mg_run.get("sampling") or {})})
 
 
 def parse_args(argv=None):

@@ -121,7 +121,7 @@ def test_learning_quick_runs_every_step(tmp_path):
     measured = json.loads((tmp_path / "maskgit" / "config.json").read_text())["sampling"]
     assert [(r[0], int(r[1])) for r in rows] == [  # the run's measured defaults, then --cfg 3; 5 per class
         (f"default: cfg {measured['cfg']:g}, temperature {measured['temperature']:g}, choice temperature "
-         f"{measured['choice_temperature']:g}", 50), ("cfg 3", 50)]
+         f"{measured['choice_temperature']:g}" + (", remask" if measured["remask"] else ""), 50), ("cfg 3", 50)]
     for r in rows:
         accuracy, spread = map(float, re.findall(r"[\d.]+", r[2])[:2])
         assert 0 <= accuracy <= 100 and spread == pytest.approx(100 * math.sqrt(accuracy / 100 * (1 - accuracy / 100)
@@ -144,7 +144,7 @@ def test_sweep_runs_a_variant_and_resumes(tmp_path):
     measured = json.loads((tmp_path / "maskgit" / "q" / "config.json").read_text())["sampling"]
     assert sorted(r[1] for r in rows) == sorted(
         ["cfg 2", f"default: cfg {measured['cfg']:g}, temperature {measured['temperature']:g}, choice temperature "
-                  f"{measured['choice_temperature']:g}"])
+                  f"{measured['choice_temperature']:g}" + (", remask" if measured["remask"] else "")])
     for r in rows:
         assert r[0] == "q" and 0 <= number(r[2]) <= 100 and number(r[5]) >= 0  # recognised %, FD
         vq_cpu, mg_cpu, sample_cpu = map(float, re.findall(r"[\d.]+", r[10]))
