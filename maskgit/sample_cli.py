@@ -98,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="constant w, or linear from 0 at the first step to w at the last")
     s.add_argument("--remask", action=argparse.BooleanOptionalAction,
                    help="let later steps re-mask tokens drawn earlier (default: the run's measured default, else "
-                        "off; never with --strategy halton)")
+                        "off; never with --sampler halton)")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer forward (GPU; off by default: whether it pays is measured by "
                         "bench/gpu_check.py; on the CPU sampling runs eagerly, with a note)")
