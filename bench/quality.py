@@ -15,8 +15,8 @@ reference row of the tokenizer's reconstructions (of as many real training image
 generator on this tokenizer can reach. The spread after FD is a bootstrap over the samples.
 
 Settings vary one thing at a time around confidence / cosine / no guidance: steps x schedule (the MaskGIT paper's
-cosine-vs-linear claim), steps x sampler, guidance x sampler and guidance x choice temperature at 8 steps
-(`--full` crosses everything).
+cosine-vs-linear claim), steps x sampler, guidance x sampler, guidance x choice temperature and guidance x
+re-masking at 8 steps (`--full` crosses everything). The halton sampler never re-masks (its order is fixed).
 Every setting draws from the same seed, so differences come from the settings rather than from the draws.
 """
 
@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--choice-temperatures", type=float, nargs="+", default=None,
                    help="choice temperatures (Gumbel noise on the confidences) to sweep; the first is the base "
                         "setting's (default: the run's measured sampling default, else the sampler's)")
+    p.add_argument("--remask", nargs="+", choices=["off", "on"], default=None,
+                   help="re-masking to sweep; the first is the base setting's (default: the run's measured sampling "
+                        "default, else off)")
     p.add_argument("--full", action="store_true", help="every combination instead of one factor at a time")
     p.add_argument("--batch", type=int, default=250, help="samples per generate() call")
     p.add_argument("--judge-steps", type=int, default=None,
@@ -144,21 +147,24 @@ def settings(args, has_critic: bool) -> list[dict]:
     samplers = [s for s in args.samplers if s != "critic" or has_critic]
     if len(samplers) < len(args.samplers):
         print("the model has no token critic: skipping the critic sampler", file=sys.stderr)
-    choices = args.choice_temperatures
+    choices, remasks = args.choice_temperatures, [r == "on" for r in args.remask]
     if args.full:
-        grid = [dict(strategy=st, schedule=sc, cfg=w, steps=n, choice_temperature=c)
-                for st, sc, w, n, c in itertools.product(samplers, args.schedules, args.cfg, args.steps, choices)]
+        grid = [dict(strategy=st, schedule=sc, cfg=w, steps=n, choice_temperature=c, remask=r)
+                for st, sc, w, n, c, r in itertools.product(samplers, args.schedules, args.cfg, args.steps, choices,
+                                                            remasks)]
     else:
         mid = FEW_STEPS if FEW_STEPS in args.steps else args.steps[len(args.steps) // 2]
         base = {**BASE, "strategy": samplers[0] if BASE["strategy"] not in samplers else BASE["strategy"],
-                "choice_temperature": choices[0]}
+                "choice_temperature": choices[0], "remask": remasks[0]}
         grid = [{**base, "schedule": sc, "steps": n} for sc in args.schedules for n in args.steps]
         grid += [{**base, "strategy": st, "steps": n} for st in samplers for n in args.steps]
         grid += [{**base, "strategy": st, "cfg": w, "steps": mid} for st in samplers for w in args.cfg]
         grid += [{**base, "cfg": w, "choice_temperature": c, "steps": mid} for w in args.cfg for c in choices]
+        grid += [{**base, "cfg": w, "remask": r, "steps": mid} for w in args.cfg for r in remasks]
     unique = []
     for s in grid:
-        s = {**s, "cfg": float(s["cfg"]), "choice_temperature": float(s["choice_temperature"])}
+        s = {**s, "cfg": float(s["cfg"]), "choice_temperature": float(s["choice_temperature"]),
+             "remask": s["remask"] and s["strategy"] != "halton"}  # a fixed order takes nothing back
         if s not in unique:
             unique.append(s)
     return unique
@@ -175,19 +181,20 @@ def generate(model, vq, setting: dict, num: int, num_classes: int, batch: int, s
             codes = model.generate(labels=chunk.to(device), steps=setting["steps"], strategy=setting["strategy"],
                                    schedule=setting["schedule"], cfg=setting["cfg"], generator=gen,
                                    temperature=setting["temperature"], temperature_end=setting["temperature"],
-                                   choice_temperature=setting["choice_temperature"])
+                                   choice_temperature=setting["choice_temperature"], remask=setting["remask"])
             images.append(vq.decode(codes.view(len(chunk), *model.grid)).float().clamp(-1, 1).cpu())
     return torch.cat(images), labels.numpy()
 
 
-def cosine_verdict(rows: list[dict], steps: list[int], choice_temperature: float) -> str:
+def cosine_verdict(rows: list[dict], steps: list[int], choice_temperature: float, remask: bool) -> str:
     """Does cosine beat linear at few steps (Chang et al. 2022, Fig. 8)? Judged on FD, differences beyond 2 sigma,
-    at the base setting's sampler, guidance and choice temperature."""
+    at the base setting's sampler, guidance, choice temperature and re-masking."""
     few = [n for n in steps if n <= FEW_STEPS] or steps[:1]
     lines, wins, losses = [], 0, 0
     for n in few:
         pick = {r["schedule"]: r for r in rows if r["steps"] == n and r["strategy"] == BASE["strategy"]
-                and r["cfg"] == BASE["cfg"] and r["choice_temperature"] == choice_temperature}
+                and r["cfg"] == BASE["cfg"] and r["choice_temperature"] == choice_temperature
+                and r["remask"] == remask}
         if not {"cosine", "linear"} <= set(pick):
             continue
         c, lin = pick["cosine"], pick["linear"]
@@ -220,6 +227,8 @@ def main(argv=None):
         args.temperature = float(measured.get("temperature", 1.0))
     if args.choice_temperatures is None:
         args.choice_temperatures = [float(measured.get("choice_temperature", SamplerConfig.choice_temperature))]
+    if args.remask is None:
+        args.remask = ["on" if measured.get("remask", SamplerConfig.remask) else "off"]
 
     small = 400 if args.quick else None
     t0 = time.perf_counter()
@@ -250,7 +259,7 @@ def main(argv=None):
 
     floor = judge.floor(args.num)
     source = "untrained tiny models" if args.untrained else f"{args.maskgit}" + (" (raw weights)" if args.raw else "")
-    headers = ["sampler", "schedule", "steps", "guidance", "choice temperature",
+    headers = ["sampler", "schedule", "steps", "guidance", "choice temperature", "re-masking",
                f"class accuracy (ceiling {judge.ceiling:.1%})", "worst class",
                f"cross-check accuracy (ceiling {judge.cross_check_ceiling:.1%})",
                f"FD (floor {fmt(floor['fd'])})", f"precision (floor {floor['precision']:.2f})",
@@ -262,9 +271,9 @@ def main(argv=None):
                 f"{fmt(r['fd'])} ± {fmt(r.get('fd_std', float('nan')), 2)}", f"{r['precision']:.2f}",
                 f"{r['recall']:.2f}"]
 
-    table = [[r["strategy"], r["schedule"], r["steps"], fmt(r["cfg"], 2), fmt(r["choice_temperature"], 2), *cells(r),
-              fmt(r["seconds"])] for r in rows]
-    table.append([f"*tokenizer reconstructions of {recon_score['n']} real training images*", "-", "-", "-", "-",
+    table = [[r["strategy"], r["schedule"], r["steps"], fmt(r["cfg"], 2), fmt(r["choice_temperature"], 2),
+              "on" if r["remask"] else "off", *cells(r), fmt(r["seconds"])] for r in rows]
+    table.append([f"*tokenizer reconstructions of {recon_score['n']} real training images*", "-", "-", "-", "-", "-",
                   *cells(recon_score), "-"])
     print("\n".join([
         f"## Sample quality on `{data['data']}` ({source}), {args.num} class-conditional samples per setting, "
@@ -278,7 +287,7 @@ def main(argv=None):
         "same features (Kynkaenniemi et al. 2019): share of samples among real images / of real images covered by "
         f"the samples. Floors: {min(args.num, len(train_x))} real training images scored the same way.", "",
         markdown_table(headers, table), "",
-        cosine_verdict(rows, args.steps, args.choice_temperatures[0]), "",
+        cosine_verdict(rows, args.steps, args.choice_temperatures[0], args.remask[0] == "on"), "",
     ]))
 
 

@@ -69,29 +69,31 @@ def test_train_speed_quick_prints_both_stages():
 
 @pytest.mark.slow  # a subprocess that imports torch and runs its sweep: ~10-20 s on 2 busy cores
 def test_quality_quick_prints_every_setting():
-    out = check_script(["bench/quality.py", "--quick", "--threads", "1", "--choice-temperatures", "4.5", "1"])
+    out = check_script(["bench/quality.py", "--quick", "--threads", "1", "--choice-temperatures", "4.5", "1",
+                        "--remask", "off", "on"])
     assert re.search(r"ceiling \(held-out real accuracy, \d+ images\) \d+\.\d%", out)
     header = next(line for line in out.splitlines() if line.startswith("| sampler | schedule"))
     for floor in (r"class accuracy \(ceiling \d+\.\d%\)", r"FD \(floor [\d.]+\)", r"precision \(floor [\d.]+\)",
                   r"recall \(floor [\d.]+\)", r"cross-check accuracy \(ceiling \d+\.\d%\)"):
         assert re.search(floor, header), (floor, header)
     rows = table_rows(out, "| sampler | schedule")
-    settings = {(r[0], r[1], int(r[2]), float(r[3]), float(r[4])) for r in rows if not r[0].startswith("*")}
+    settings = {(r[0], r[1], int(r[2]), float(r[3]), float(r[4]), r[5]) for r in rows if not r[0].startswith("*")}
     for steps in (4, 8):
         for strategy in ("confidence", "critic", "halton"):
-            assert (strategy, "cosine", steps, 0.0, 4.5) in settings  # the first choice temperature is the base
-        assert ("confidence", "linear", steps, 0.0, 4.5) in settings
+            assert (strategy, "cosine", steps, 0.0, 4.5, "off") in settings  # the first of each list is the base
+        assert ("confidence", "linear", steps, 0.0, 4.5, "off") in settings
     for strategy in ("confidence", "critic", "halton"):
         for w in (1.0, 3.0):
-            assert (strategy, "cosine", 8, w, 4.5) in settings
-    # the second choice temperature appears only in the guidance x choice temperature group, at 8 steps
-    assert {s for s in settings if s[4] == 1.0} == {("confidence", "cosine", 8, w, 1.0) for w in (0.0, 1.0, 3.0)}
+            assert (strategy, "cosine", 8, w, 4.5, "off") in settings
+    # the second choice temperature and re-masking appear only in their guidance groups, at 8 steps
+    assert {s for s in settings if s[4] == 1.0} == {("confidence", "cosine", 8, w, 1.0, "off") for w in (0.0, 1.0, 3.0)}
+    assert {s for s in settings if s[5] == "on"} == {("confidence", "cosine", 8, w, 4.5, "on") for w in (0.0, 1.0, 3.0)}
     assert [r[0] for r in rows if r[0].startswith("*")] == ["*tokenizer reconstructions of 20 real training images*"]
     for r in rows:
-        assert 0 <= number(r[5]) <= 100 and 0 <= number(r[6]) <= 100 and 0 <= number(r[7]) <= 100  # accuracies, %
-        fd = number(r[8])
+        assert 0 <= number(r[6]) <= 100 and 0 <= number(r[7]) <= 100 and 0 <= number(r[8]) <= 100  # accuracies, %
+        fd = number(r[9])
         assert math.isfinite(fd) and fd >= 0
-        assert 0 <= number(r[9]) <= 1 and 0 <= number(r[10]) <= 1  # precision, recall
+        assert 0 <= number(r[10]) <= 1 and 0 <= number(r[11]) <= 1  # precision, recall
     assert re.search(r"^- Cosine beats linear at few steps \(MaskGIT paper\): [A-Z]", out, flags=re.M)
 
 
@@ -174,6 +176,9 @@ def test_sweep_runs_a_variant_and_resumes(tmp_path):
     assert sorted((r[0], int(r[2])) for r in quality[:-1]) == [("confidence", 2), ("confidence", 4), ("halton", 2),
                                                               ("halton", 4)]
     assert {float(r[4]) for r in quality[:-1]} == {measured["choice_temperature"]}  # the run's measured one
+    # the run's measured re-masking, except for the fixed halton order, which never re-masks
+    assert {(r[0], r[5]) for r in quality[:-1]} == {("confidence", "on" if measured["remask"] else "off"),
+                                                    ("halton", "off")}
 
 
 # the measuring pieces, in-process
