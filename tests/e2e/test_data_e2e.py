@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 TINY_MASKGIT = ["--dim", "32", "--depth", "1", "--heads", "2", "--batch-size", "8", "--num-eval-images", "8",
                 "--steps", "2", "--save-every", "2", "--eval-every", "2", "--sample-every", "2",
-                "--num-sample-images", "4", "--warmup-steps", "1"]
+                "--num-sample-images", "4", "--warmup-steps", "1", "--tune-samples", "20"]  # measured defaults: cheaply
 
 
 @pytest.fixture(autouse=True)
