@@ -61,7 +61,7 @@ def parse_args(argv=None):
                         "setting's (default: the run's measured sampling default, else the sampler's)")
     p.add_argument("--remask", nargs="+", choices=["off", "on"], default=None,
                    help="re-masking to sweep; the first is the base setting's (default: the run's measured sampling "
-                        "default, else off)")
+                        "default, else off; halton never re-masks, so compare orders with --remask off)")
     p.add_argument("--full", action="store_true", help="every combination instead of one factor at a time")
     p.add_argument("--batch", type=int, default=250, help="samples per generate() call")
     p.add_argument("--judge-steps", type=int, default=None,
