@@ -151,8 +151,8 @@ VQ_PRESETS: dict[str, tuple[VQConfig, VQTrainConfig]] = {
     # near chance on shapes), and FSQ's less evenly used codes were easier for stage 2 than VectorQuantize's
     # at equal size (bench/learning.py: digits 99.0% vs 96.6% recognised, shapes 77.0% vs 70.6%, at cfg 3).
     # 125 codes against 64 (4x4x4): the judge recognises 99.6% of the shapes' reconstructions (worst class 96%)
-    # against 97.0% (86%), and the width-64 stage-2 preset learns them as well (shapes at guidance 1: 94.4%
-    # against 91.8% recognised; digits unchanged; docs/recipes.md).
+    # against 97.0% (86%), and the width-64 stage-2 preset learns them as well (shapes at guidance 1: 94.5%
+    # against 92.1% recognised, bench/quality.py; digits unchanged; docs/recipes.md).
     "tiny": (
         VQConfig(channels=16, max_channels=32, num_res_blocks=1, norm_groups=8, latent_dim=16, quantizer="fsq",
                  codebook_size=125, fsq_levels=(5, 5, 5)),
