@@ -52,6 +52,7 @@ MIN_PER_CLASS = 8
 FIDELITY_BAND = 2.0
 CLASSIFIER_GRIDS = 10_000  # training grids the fidelity classifier learns from, at most
 CLASSIFIER_STEPS = 600
+CLASSIFIER_EPOCHS = 50  # passes over the grids at most: a few dozen learn a small set, more only cost time
 CLASSIFIER_BATCH = 128
 CLASSIFIER_WIDTH = 32
 TIE = 0.01
@@ -116,7 +117,9 @@ def train_code_classifier(codes: torch.Tensor, labels: torch.Tensor, codebook_si
                           num_classes: int, *, steps: int = CLASSIFIER_STEPS, batch_size: int = CLASSIFIER_BATCH,
                           lr: float = 3e-3, seed: int = 0, device="cpu") -> CodeClassifier:
     """A CodeClassifier fitted to (codes (n, h*w), labels (n,)) with AdamW, seeded, leaving the global RNG as it
-    was; returned in eval mode."""
+    was; returned in eval mode. `steps` batches, or CLASSIFIER_EPOCHS passes over the grids if that is fewer."""
+    batch_size = min(batch_size, len(codes))
+    steps = min(steps, CLASSIFIER_EPOCHS * math.ceil(len(codes) / batch_size))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = CodeClassifier(codebook_size, grid, num_classes).to(device)
@@ -125,7 +128,7 @@ def train_code_classifier(codes: torch.Tensor, labels: torch.Tensor, codebook_si
     codes, labels = codes.to(device), labels.to(device)
     with torch.enable_grad():
         for _ in range(steps):
-            idx = torch.randint(len(codes), (min(batch_size, len(codes)),), generator=generator).to(device)
+            idx = torch.randint(len(codes), (batch_size,), generator=generator).to(device)
             loss = F.cross_entropy(net(codes[idx]), labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

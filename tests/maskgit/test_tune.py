@@ -21,8 +21,8 @@ import torch
 from core.stats import frechet_distance
 from maskgit.config import MaskGITConfig, MaskGITTrainConfig
 from maskgit.model import build_maskgit
-from maskgit.tune import (MIN_PER_CLASS, Projection, describe, distance, features, pick, train_code_classifier,
-                          tune_sampling)
+from maskgit.tune import (CLASSIFIER_EPOCHS, MIN_PER_CLASS, Projection, describe, distance, features, pick,
+                          train_code_classifier, tune_sampling)
 from vqvae.config import VQ_PRESETS
 from vqvae.model import VQVAE
 from vqvae.tokenizer import OwnTokenizer
@@ -106,6 +106,18 @@ def test_the_code_classifier_learns_which_codes_mark_a_class_and_leaves_the_glob
     shuffled = train_code_classifier(train, train_labels[torch.randperm(600, generator=g)], 20, (4, 4), 3,
                                      steps=150, batch_size=64, seed=1)
     assert shuffled.accuracy(test, test_labels) < 0.6
+
+
+def test_the_code_classifier_trains_at_most_its_epoch_cap_over_a_small_set():
+    """CLASSIFIER_EPOCHS passes over the grids at most: on 20 grids (one batch each step) 600 steps asked for are the
+    same training as CLASSIFIER_EPOCHS steps, so the weights come out identical; one step fewer differs."""
+    g = torch.Generator().manual_seed(0)
+    codes, labels = torch.randint(0, 20, (20, 16), generator=g), torch.randint(0, 3, (20,), generator=g)
+    asked = train_code_classifier(codes, labels, 20, (4, 4), 3, steps=600, batch_size=64, seed=1)
+    capped = train_code_classifier(codes, labels, 20, (4, 4), 3, steps=CLASSIFIER_EPOCHS, batch_size=64, seed=1)
+    fewer = train_code_classifier(codes, labels, 20, (4, 4), 3, steps=CLASSIFIER_EPOCHS - 1, batch_size=64, seed=1)
+    assert all(torch.equal(p, q) for p, q in zip(asked.state_dict().values(), capped.state_dict().values()))
+    assert not all(torch.equal(p, q) for p, q in zip(asked.state_dict().values(), fewer.state_dict().values()))
 
 
 def test_pick_keeps_the_settings_within_two_standard_errors_of_the_best_fidelity_then_the_lowest_distance():
