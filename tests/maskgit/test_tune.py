@@ -21,6 +21,7 @@ import torch
 from core.stats import frechet_distance
 from maskgit.config import MaskGITConfig, MaskGITTrainConfig
 from maskgit.model import build_maskgit
+from maskgit.sampler import SamplerConfig
 from maskgit.tune import (CLASSIFIER_EPOCHS, MIN_PER_CLASS, Projection, describe, distance, features, pick,
                           train_code_classifier, tune_sampling)
 from vqvae.config import VQ_PRESETS
@@ -140,6 +141,12 @@ def test_pick_keeps_the_settings_within_two_standard_errors_of_the_best_fidelity
               dict(cfg=1.0, temperature=1.0, fidelity=0.996, distance=6.0),
               dict(cfg=2.0, temperature=1.0, fidelity=1.0, distance=7.0)]
     assert pick(scores, 250) == scores[1]
+
+
+def test_the_default_grid_tries_the_samplers_own_choice_temperature():
+    """maskgit/config.py cannot import the sampler (the sampler imports the model, which imports the config), so
+    the grid's default repeats SamplerConfig's choice temperature as a literal: they must not drift apart."""
+    assert MaskGITTrainConfig().tune_choice_temperatures == (SamplerConfig().choice_temperature,)
 
 
 def test_the_grid_must_have_every_axis_in_range():
