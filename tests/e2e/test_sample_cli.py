@@ -110,9 +110,8 @@ def test_sampling_defaults_are_the_runs_measured_ones_unless_given(runs, tmp_pat
     config = json.loads((runs["cond"] / "config.json").read_text())
     measured = config["sampling"]
     key = ("cfg", "temperature", "choice_temperature", "remask")
-    # the tiny preset's grid: guidance 0, 1, 2 x temperature 1 x choice temperature 4.5 x re-masking off, on
-    assert [tuple(s[k] for k in key) for s in measured["scores"]] == [
-        (w, 1.0, 4.5, r) for w in (0.0, 1.0, 2.0) for r in (False, True)]
+    # the tiny preset's grid: guidance 1, 2 x temperature 1 x choice temperature 4.5 x re-masking on
+    assert [tuple(s[k] for k in key) for s in measured["scores"]] == [(w, 1.0, 4.5, True) for w in (1.0, 2.0)]
     assert tuple(measured[k] for k in key) in {tuple(s[k] for k in key) for s in measured["scores"]}
 
     def sampler_used(run, *extra):
@@ -147,8 +146,9 @@ def test_sampling_defaults_are_the_runs_measured_ones_unless_given(runs, tmp_pat
     assert (sampler["cfg"], sampler["temperature"], sampler["choice_temperature"]) == (
         SamplerConfig().cfg, SamplerConfig().temperature, SamplerConfig().choice_temperature)
     assert "built-in defaults" in err
-    # a run measured before the choice temperature joined the grid: its cfg and temperature, the sampler's choice
-    del measured["choice_temperature"]
+    # a run measured before the choice temperature and re-masking joined the grid: its cfg and temperature, the
+    # sampler's choice temperature and re-masking
+    del measured["choice_temperature"], measured["remask"]
     config["sampling"] = measured
     (old / "config.json").write_text(json.dumps(config))
     sampler, err = sampler_used(old)
@@ -318,7 +318,8 @@ def test_edit_keeps_the_codes_outside_the_region(runs, tmp_path, region):
              "mask image": ["--mask-image", tmp_path / "mask.png"]}[region]
     invert = region == "inverted box"
     cli.main(sample_args(runs["cond"], out, "--init-image", runs["init"], *flags, "--num", 6, "--batch-size", 4,
-                         "--cfg", 0, "--temperature", 1, "--choice-temperature", SamplerConfig().choice_temperature))
+                         "--cfg", 0, "--temperature", 1, "--choice-temperature", SamplerConfig().choice_temperature,
+                         "--no-remask"))
     # (the SamplerConfig defaults, redone below, rather than the run's measured ones)
     pngs = np.stack([read_png(out / "images" / f"{i:06d}.png") for i in range(6)])
 
