@@ -160,13 +160,14 @@ def check_configs(cfg: MaskGITConfig, train_cfg: MaskGITTrainConfig):
 assert not {f.name for f in fields(MaskGITConfig)} & {f.name for f in fields(MaskGITTrainConfig)}
 
 MASKGIT_PRESETS: dict[str, tuple[MaskGITConfig, MaskGITTrainConfig]] = {
-    # About 6 CPU-minutes on 8x8 code grids with the final sampling measurement: ~0.19M parameters with the tiny
+    # About 7 CPU-minutes on 8x8 code grids with the final sampling measurement: ~0.25M parameters with the tiny
     # tokenizer's 125 codes. A small transformer trained for many steps beats a wider one trained for few in the
     # same CPU time: width 64 x 5,000 steps at lr 2e-3, against the earlier width 128 x 2,000 steps at lr 1e-3,
     # took the shapes from 71.8% to 86.2% recognised at the run's defaults and the digits' FD from 1.2x to 1.0x
-    # its real-vs-real floor (bench/learning.py, docs/recipes.md). Depth 3 x 7,000 steps then beat depth 4 x
-    # 5,000 for about 7% more CPU: 96.9% of 3,000 guided shapes recognised against 96.0%, the weakest class (star)
-    # 86% against 82% (docs/recipes.md, "Fewer blocks, more steps"). Adaptive-LayerNorm class conditioning: on the
+    # its real-vs-real floor (bench/learning.py, docs/recipes.md). 6,500 steps instead of 5,000 then lifted the
+    # guided shapes from 96.0-96.8% to 97.2% and their weakest class (star) from 82-83% to 85-86% (two draws of
+    # 3,000), for about 20% more stage-2 CPU; depth 3 x 7,000 steps and width 48 x 7,000 did no better than
+    # 5,000 (docs/recipes.md, "More steps"). Adaptive-LayerNorm class conditioning: on the
     # shapes, guided samples were recognised 91.8% of the time against 79.4% with a class token, on the digits
     # 98.2% against 98.0% at no guidance, for the same CPU time (bench/sweep.py, docs/recipes.md); unconditional
     # runs have no class and use neither.
@@ -177,9 +178,9 @@ MASKGIT_PRESETS: dict[str, tuple[MaskGITConfig, MaskGITTrainConfig]] = {
     # re-masking, which the judge recognised 3-7 points less often than guidance 1 with re-masking (star 38-66%). Token temperature 0.8 was never clearly better than 1, nor choice temperature 2 than 4.5
     # (docs/recipes.md, "Sampling defaults measured at the end of training").
     "tiny": (
-        MaskGITConfig(dim=64, depth=3, heads=4, dropout=0.0, class_cond_mode="adaln"),
+        MaskGITConfig(dim=64, depth=4, heads=4, dropout=0.0, class_cond_mode="adaln"),
         MaskGITTrainConfig(
-            steps=7000, batch_size=32, lr=2e-3, weight_decay=0.01, betas=(0.9, 0.99), warmup_steps=300,
+            steps=6500, batch_size=32, lr=2e-3, weight_decay=0.01, betas=(0.9, 0.99), warmup_steps=250,
             ema_decay=0.999, eval_every=500, sample_every=1000, sample_steps=8, num_sample_images=16,
             save_every=1000, num_eval_images=256, num_workers=0, tune_cfg=(1.0, 2.0), tune_temperatures=(1.0,),
             tune_remask=(True,),
