@@ -160,14 +160,14 @@ def check_configs(cfg: MaskGITConfig, train_cfg: MaskGITTrainConfig):
 assert not {f.name for f in fields(MaskGITConfig)} & {f.name for f in fields(MaskGITTrainConfig)}
 
 MASKGIT_PRESETS: dict[str, tuple[MaskGITConfig, MaskGITTrainConfig]] = {
-    # About 7 CPU-minutes on 8x8 code grids with the final sampling measurement: ~0.25M parameters with the tiny
-    # tokenizer's 125 codes. A small transformer trained for many steps beats a wider one trained for few in the
-    # same CPU time: width 64 x 5,000 steps at lr 2e-3, against the earlier width 128 x 2,000 steps at lr 1e-3,
-    # took the shapes from 71.8% to 86.2% recognised at the run's defaults and the digits' FD from 1.2x to 1.0x
-    # its real-vs-real floor (bench/learning.py, docs/recipes.md). 6,500 steps instead of 5,000 then lifted the
-    # guided shapes from 96.0-96.8% to 97.2% and their weakest class (star) from 82-83% to 85-86% (two draws of
-    # 3,000), for about 20% more stage-2 CPU; depth 3 x 7,000 steps and width 48 x 7,000 did no better than
-    # 5,000 (docs/recipes.md, "More steps"). Adaptive-LayerNorm class conditioning: on the
+    # About 6-7 CPU-minutes on 8x8 code grids with the final sampling measurement: ~0.25M parameters with the
+    # tiny tokenizer's 125 codes. A small transformer trained for many steps beats a wider one trained for few in
+    # the same CPU time: width 64 x 5,000 steps at lr 2e-3, against the earlier width 128 x 2,000 steps at lr
+    # 1e-3, took the shapes from 71.8% to 86.2% recognised at the run's defaults and the digits' FD from 1.2x to
+    # 1.0x its real-vs-real floor (bench/learning.py, docs/recipes.md). 6,500 steps instead of 5,000 then lifted
+    # the guided shapes from 96.0-96.8% to 97.2% and their weakest class (star) from 82-83% to 85-86% (two draws
+    # of 3,000), for about 20% more stage-2 CPU; depth 3 x 7,000 steps and width 48 x 7,000 did no better than
+    # 5,000 steps at depth 4 (docs/recipes.md, "More steps"). Adaptive-LayerNorm class conditioning: on the
     # shapes, guided samples were recognised 91.8% of the time against 79.4% with a class token, on the digits
     # 98.2% against 98.0% at no guidance, for the same CPU time (bench/sweep.py, docs/recipes.md); unconditional
     # runs have no class and use neither.
@@ -175,8 +175,9 @@ MASKGIT_PRESETS: dict[str, tuple[MaskGITConfig, MaskGITTrainConfig]] = {
     # temperature 4.5. In every tiny run measured the judge recognised the most shapes at guidance 1 or 2 with
     # re-masking (re-masking: +1.4 to +3.2 points). Guidance 0 left the grid because the measurement's code
     # classifier cannot see a star drawn as a blob: on two 7,000-step shapes runs it picked guidance 0 with
-    # re-masking, which the judge recognised 3-7 points less often than guidance 1 with re-masking (star 38-66%). Token temperature 0.8 was never clearly better than 1, nor choice temperature 2 than 4.5
-    # (docs/recipes.md, "Sampling defaults measured at the end of training").
+    # re-masking, which the judge recognised 3-7 points less often than guidance 1 with re-masking (star 38-66%).
+    # Token temperature 0.8 was never clearly better than 1, nor choice temperature 2 than 4.5 (docs/recipes.md,
+    # "Sampling defaults measured at the end of training").
     "tiny": (
         MaskGITConfig(dim=64, depth=4, heads=4, dropout=0.0, class_cond_mode="adaln"),
         MaskGITTrainConfig(
