@@ -422,3 +422,28 @@ def test_forward_timer_sees_one_forward_per_step():
         model.generate(labels=torch.tensor([0, 1]), steps=5, cfg=2.0)  # guidance: still one (batched) call per step
         assert timer.calls == 5 and torch.get_num_threads() == start
     assert 0 < timer.seconds() < 60
+
+
+def test_learning_checks_the_worst_class_at_the_defaults(capsys):
+    """The worst-class target of the learning check (no class below 85% at the run's defaults) is printed as its
+    own PASS/FAIL line, naming the class and the sample count per class it was judged on."""
+    import argparse
+
+    import learning
+    from judge import Judge, load_real
+
+    train_x, train_y = load_real("shapes", 16, "train", limit=200)
+    test_x, test_y = load_real("shapes", 16, "test", limit=100)
+    judge = Judge.fit(train_x, train_y, test_x, test_y, steps=5, cross_check_max_train=200)
+    args = argparse.Namespace(threads=1, data="shapes", quick=False, vq_args="", mg_args="", sample_args="")
+    vq_metrics = [{"step": 600, "psnr": 27.0, "codebook_usage": 0.9, "perplexity": 40.0}]
+    mg_last = {"step": 6500, "eval_masked_acc": 0.5, "eval_loss": 1.7}
+    score = judge.score(test_x, test_y)
+    for worst, expected in ((0.86, "PASS"), (0.84, "FAIL")):
+        row = {**score, "cfg": "default: cfg 1", "setting": "default", "wall": 1.0, "cpu": 1.0,
+               "worst_class": worst, "worst_name": "star"}
+        learning.report(args, "work", "shapes", vq_metrics, 60.0, 60.0, mg_last, 300.0, 300.0, judge, [row])
+        lines = [line for line in capsys.readouterr().out.splitlines() if "no class below 85%" in line]
+        per_class = score["n"] // judge.num_classes  # 10: the shapes' held-out images are balanced
+        assert lines == [f"- {expected}: sampling defaults: no class below 85% recognised: worst class star at "
+                         f"{worst:.0%} of {per_class} samples (± {math.sqrt(0.85 * 0.15 / per_class):.0%} at the bar)"]
