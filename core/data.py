@@ -276,27 +276,40 @@ def train_loader(dataset, sampler, *, num_workers: int, pin_memory: bool, seed: 
     streamed and same-size in-memory datasets are uint8: pass them through `as_float` on the device."""
     sampler.keys = bool(getattr(dataset, "wants_step_keys", False))
     extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers > 0 else {}
-    batched = hasattr(dataset, "train_item")
-    return torch.utils.data.DataLoader(
-        TrainItems(dataset) if batched else dataset, batch_sampler=sampler,
-        collate_fn=_collated if batched else None, num_workers=num_workers, pin_memory=pin_memory,
-        # its own generator: by default each `iter(loader)` draws from the global RNG, which a resumed run
-        # would then use differently (dead-code re-seeding)
-        generator=torch.Generator().manual_seed(seed), **extra)
+    options = dict(batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                   # its own generator: by default each `iter(loader)` draws from the global RNG, which a resumed
+                   # run would then use differently (dead-code re-seeding)
+                   generator=torch.Generator().manual_seed(seed), **extra)
+    if not hasattr(dataset, "train_item"):
+        return torch.utils.data.DataLoader(dataset, **options)
+    blocks = BatchBlocks(num_workers, prefetch_factor + SPARE_BLOCKS) if num_workers > 0 else None
+    return _BlockLoader(TrainItems(dataset, blocks), collate_fn=_collated, **options)
+
+
+class _BlockLoader(torch.utils.data.DataLoader):
+    """A DataLoader over `TrainItems`: yields (images, labels) and tells the workers' `BatchBlocks` which
+    batches the training process has received."""
+
+    def __iter__(self):
+        blocks = self.dataset.blocks
+        for images, labels, block in super().__iter__():
+            if blocks is not None:
+                blocks.received(images, block)
+            yield images, torch.from_numpy(labels)
 
 
 class TrainItems(torch.utils.data.Dataset):
     """A dataset's items as its training loader passes them: uint8 (3, S, S) where possible (see `as_float`).
 
-    `__getitems__` fills one batch tensor image by image (in shared memory inside a worker, as the default collate
-    does), so no per-item tensors are allocated and stacked: `collate=False` batches pass through unchanged.
-    Decoded pixels (S, S, 3) are stored as they come, channels last: the batch is a (b, 3, S, S) view of a
-    (b, S, S, 3) buffer, and `as_float` makes it contiguous on the device, in the same pass as the float
-    conversion. Transposing in the worker instead cost about 6% of a worker's throughput at 256 px (timed in one
-    process against bench/data_speed.py's bare decode loop)."""
+    `__getitems__` fills one batch tensor image by image (inside a worker, in a shared-memory block of
+    `BatchBlocks`), so no per-item tensors are allocated and stacked: `collate=False` batches pass through
+    unchanged, as (images, labels, block). Decoded pixels (S, S, 3) are stored as they come, channels last: the
+    batch is a (b, 3, S, S) view of a (b, S, S, 3) buffer, and `as_float` makes it contiguous on the device, in the
+    same pass as the float conversion. Transposing in the worker instead cost about 6% of a worker's throughput at
+    256 px (timed in one process against bench/data_speed.py's bare decode loop)."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, blocks: BatchBlocks | None = None):
+        self.dataset, self.blocks = dataset, blocks
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -305,31 +318,79 @@ class TrainItems(torch.utils.data.Dataset):
         x, label = self.dataset.train_item(key)
         return (torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1) if isinstance(x, np.ndarray) else x), label
 
-    def __getitems__(self, keys) -> list[Tensor]:
-        labels = torch.empty(len(keys), dtype=torch.long)
+    def __getitems__(self, keys) -> list:
+        labels = np.empty(len(keys), dtype=np.int64)  # numpy: passed by value, where a tensor takes shared memory
         batch = view = None
+        block = -1
         for k, key in enumerate(keys):
             x, labels[k] = self.dataset.train_item(key)
             if batch is None:
-                if isinstance(x, np.ndarray):  # (S, S, 3) pixels
-                    store = _new_batch((len(keys), *x.shape), torch.uint8)
-                    batch, view = store.permute(0, 3, 1, 2), store.numpy()
+                pixels = isinstance(x, np.ndarray)  # (S, S, 3) pixels, else a (3, S, S) tensor
+                shape, dtype = (len(keys), *x.shape), torch.uint8 if pixels else x.dtype
+                if self.blocks is None or torch.utils.data.get_worker_info() is None:
+                    store = torch.empty(shape, dtype=dtype)
                 else:
-                    batch = _new_batch((len(keys), *x.shape), x.dtype)
+                    store, block = self.blocks.take(shape, dtype)
+                batch, view = (store.permute(0, 3, 1, 2), store.numpy()) if pixels else (store, None)
             if view is not None:
                 view[k] = x
             else:
                 batch[k].copy_(x)
-        return [batch, labels]
+        return [batch, labels, block]
 
 
-def _new_batch(shape: tuple, dtype) -> Tensor:
-    """An empty batch tensor; in a DataLoader worker in shared memory, so that passing it on copies nothing."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    count = math.prod(shape)
-    storage = torch.UntypedStorage._new_shared(count * torch.empty((), dtype=dtype).element_size())
-    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+SPARE_BLOCKS = 2  # shared-memory batch blocks a worker keeps beyond its prefetched batches (the ones in use)
+
+
+class BatchBlocks:
+    """Shared-memory batch buffers that a loader's workers reuse, and which of them the training process holds.
+
+    A worker's batch travels to the training process in shared memory. Fresh shared memory costs the kernel a
+    page fault per 4 KiB page on first write: about 3 ms for a 6.3 MB batch (32 images at 256 px), 9% of a
+    worker's decode time (docs/data.md). So each worker keeps `per_worker` blocks and writes a batch into one
+    the training process no longer holds, marked by a shared flag: the worker sets it when it fills the block,
+    the training process clears it when its copy of the batch's storage is freed (every view of it gone), or at
+    once when the batch arrived as a pinned copy. A worker with no free block allocates a fresh one, as
+    PyTorch's own collate does, so a training loop that keeps batches never waits and never sees them change."""
+
+    def __init__(self, num_workers: int, per_worker: int):
+        self.per_worker = per_worker
+        self.flags = torch.zeros(num_workers * per_worker, dtype=torch.int32).share_memory_()
+        self._mine: list | None = None  # this worker's blocks (storages), made on first use
+
+    def __getstate__(self):
+        return {**self.__dict__, "_mine": None}
+
+    def take(self, shape: tuple, dtype: torch.dtype) -> tuple[Tensor, int]:
+        """In a worker: an empty tensor in a free block of this worker, and the block's index (-1: a fresh one)."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        first = torch.utils.data.get_worker_info().id * self.per_worker
+        if self._mine is None:
+            self._mine = [None] * self.per_worker
+        flags = self.flags.numpy()
+        free = [s for s in range(self.per_worker) if flags[first + s] == 0]
+        if free:
+            s = free[0]
+            if self._mine[s] is None or self._mine[s].nbytes() < nbytes:
+                self._mine[s] = torch.UntypedStorage._new_shared(nbytes)
+            storage, block = self._mine[s], first + s
+            flags[block] = 1
+        else:
+            storage, block = torch.UntypedStorage._new_shared(nbytes), -1
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape), block
+
+    def received(self, images: Tensor, block: int) -> None:
+        """In the training process, for each batch as it arrives: hand its block back once the batch is gone."""
+        if block < 0:
+            return
+        storage = images.untyped_storage()
+        if storage.is_shared():  # the worker's block itself: free once no tensor views it any more
+            weakref.finalize(storage, self._release, block)
+        else:  # a pinned copy: the block was read already
+            self._release(block)
+
+    def _release(self, block: int) -> None:
+        self.flags[block] = 0
 
 
 def _collated(batch):
