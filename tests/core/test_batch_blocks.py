@@ -16,7 +16,7 @@ from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 import torch
-import torch.multiprocessing  # noqa: F401  (registers how tensors pickle between processes)
+import torch.multiprocessing  # registers how tensors pickle between processes
 
 from core.data import SPARE_BLOCKS, BatchBlocks, load_dataset, train_loader
 from core.order import StepBatchSampler
