@@ -368,9 +368,8 @@ class BatchBlocks:
         if self._mine is None:
             self._mine = [None] * self.per_worker
         flags = self.flags.numpy()
-        free = [s for s in range(self.per_worker) if flags[first + s] == 0]
-        if free:
-            s = free[0]
+        s = next((s for s in range(self.per_worker) if flags[first + s] == 0), None)
+        if s is not None:
             if self._mine[s] is None or self._mine[s].nbytes() < nbytes:
                 self._mine[s] = torch.UntypedStorage._new_shared(nbytes)
             storage, block = self._mine[s], first + s
