@@ -118,6 +118,9 @@ def train_code_classifier(codes: torch.Tensor, labels: torch.Tensor, codebook_si
                           lr: float = 3e-3, seed: int = 0, device="cpu") -> CodeClassifier:
     """A CodeClassifier fitted to (codes (n, h*w), labels (n,)) with AdamW, seeded, leaving the global RNG as it
     was; returned in eval mode. `steps` batches, or CLASSIFIER_EPOCHS passes over the grids if that is fewer."""
+    if len(codes) == 0 or len(codes) != len(labels):
+        raise ValueError(f"the code classifier needs labelled code grids: got {len(codes)} grids and {len(labels)} "
+                         "labels")
     batch_size = min(batch_size, len(codes))
     steps = min(steps, CLASSIFIER_EPOCHS * math.ceil(len(codes) / batch_size))
     with torch.random.fork_rng(devices=[]):

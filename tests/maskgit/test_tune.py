@@ -121,6 +121,15 @@ def test_the_code_classifier_trains_at_most_its_epoch_cap_over_a_small_set():
     assert not all(torch.equal(p, q) for p, q in zip(asked.state_dict().values(), fewer.state_dict().values()))
 
 
+def test_the_code_classifier_refuses_no_grids_or_mismatched_labels():
+    """No grids (or labels of another length) is a clear error, not a division by zero or a sampling error."""
+    codes, labels = torch.zeros(0, 16, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    with pytest.raises(ValueError, match="0 grids and 0 labels"):
+        train_code_classifier(codes, labels, 20, (4, 4), 3)
+    with pytest.raises(ValueError, match="5 grids and 4 labels"):
+        train_code_classifier(torch.zeros(5, 16, dtype=torch.long), torch.zeros(4, dtype=torch.long), 20, (4, 4), 3)
+
+
 def test_pick_keeps_the_settings_within_two_standard_errors_of_the_best_fidelity_then_the_lowest_distance():
     scores = [dict(cfg=0.0, temperature=1.0, fidelity=0.80, distance=5.0),
               dict(cfg=1.0, temperature=1.0, fidelity=0.85, distance=6.0),
