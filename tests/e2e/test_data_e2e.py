@@ -1,4 +1,5 @@
-"""Data end to end through the scripts: unreadable files mid-run (counted in metrics.jsonl), --verify-images,
+"""Data end to end through the scripts: unreadable files mid-run (counted in metrics.jsonl, also through loader
+workers), --verify-images,
 Hugging Face sources, the token cache built by two processes, and the 16x16-grid path (sampling, editing, export)."""
 
 import json
@@ -60,6 +61,25 @@ def test_unreadable_files_are_skipped_counted_or_verified(damaged_images, tmp_pa
     assert_ok(export)
     assert len(np.load(tmp_path / "refs" / "data.npz")["arr_0"]) == len(list((tmp_path / "refs" / "images").iterdir()))
     assert len(np.load(tmp_path / "refs" / "data.npz")["arr_0"]) < 216  # broken training files left out
+
+
+def test_loader_workers_train_stream_and_count_unreadable_files(damaged_images, tmp_path):
+    """Training through DataLoader workers (--num-workers 2: batch blocks in shared memory, per-worker counters of
+    unreadable files) runs, counts the broken files its workers skipped exactly as a run without workers counts them
+    (the same seeded batches; the held-out evaluation reads in the training process, so a lost worker count shows as
+    a smaller total), and resumes. The presets train with 0 workers: this is the worker path end to end."""
+    args = ["--data", damaged_images, *TINY_MODEL, *TINY_TRAIN, "--image-cache", "off"]
+    in_process = run_script(["train_vq.py", *args, "--steps", "6", "--out", tmp_path / "in_process"])
+    assert_ok(in_process)
+    args += ["--num-workers", "2"]
+    first = run_script(["train_vq.py", *args, "--steps", "6", "--out", tmp_path / "workers"])
+    assert_ok(first)
+    counted = metrics_of(tmp_path / "workers")[-1]["unreadable_images"]
+    assert counted > 0 and counted == metrics_of(tmp_path / "in_process")[-1]["unreadable_images"]
+    resumed = run_script(["train_vq.py", *args, "--steps", "12", "--resume", "--out", tmp_path / "workers"])
+    assert_ok(resumed)
+    records = metrics_of(tmp_path / "workers")
+    assert records[-1]["step"] == 12 and records[-1]["unreadable_images"] > 0
 
 
 def test_hugging_face_source_through_both_stages(tmp_path):
