@@ -426,7 +426,8 @@ def test_forward_timer_sees_one_forward_per_step():
 
 def test_learning_checks_the_worst_class_at_the_defaults(capsys):
     """The worst-class target of the learning check (no class below 85% at the run's defaults) is printed as its
-    own PASS/FAIL line, naming the class and the sample count per class it was judged on."""
+    own PASS/FAIL line, naming the class and the sample count per class it was judged on; the CPU budget counts the
+    draw's sampling CPU scaled to 500 samples."""
     import argparse
 
     import learning
@@ -443,7 +444,12 @@ def test_learning_checks_the_worst_class_at_the_defaults(capsys):
         row = {**score, "cfg": "default: cfg 1", "setting": "default", "wall": 1.0, "cpu": 1.0,
                "worst_class": worst, "worst_name": "star"}
         learning.report(args, "work", "shapes", vq_metrics, 60.0, 60.0, mg_last, 300.0, 300.0, judge, [row])
-        lines = [line for line in capsys.readouterr().out.splitlines() if "no class below 85%" in line]
+        out = capsys.readouterr().out.splitlines()
+        # the budget counts sampling as 500 images: 1 CPU-s for 100 samples counts 5 s
+        assert [line for line in out if "within 10 CPU-minutes" in line] == [
+            f"- PASS: default: cfg 1: both stages + sampling 500 within 10 CPU-minutes: "
+            f"{60 + 300 + 500 / score['n']:.0f} s CPU"]
+        lines = [line for line in out if "no class below 85%" in line]
         per_class = score["n"] // judge.num_classes  # 10: the shapes' held-out images are balanced
         assert lines == [f"- {expected}: sampling defaults: no class below 85% recognised: worst class star at "
                          f"{worst:.0%} of {per_class} samples (± {math.sqrt(0.85 * 0.15 / per_class):.0%} at the bar)"]
