@@ -160,14 +160,17 @@ def check_configs(cfg: MaskGITConfig, train_cfg: MaskGITTrainConfig):
 assert not {f.name for f in fields(MaskGITConfig)} & {f.name for f in fields(MaskGITTrainConfig)}
 
 MASKGIT_PRESETS: dict[str, tuple[MaskGITConfig, MaskGITTrainConfig]] = {
-    # About 6-7 CPU-minutes on 8x8 code grids with the final sampling measurement: ~0.25M parameters with the
+    # About 4-6.5 CPU-minutes on 8x8 code grids with the final sampling measurement: ~0.25M parameters with the
     # tiny tokenizer's 125 codes. A small transformer trained for many steps beats a wider one trained for few in
     # the same CPU time: width 64 x 5,000 steps at lr 2e-3, against the earlier width 128 x 2,000 steps at lr
     # 1e-3, took the shapes from 71.8% to 86.2% recognised at the run's defaults and the digits' FD from 1.2x to
-    # 1.0x its real-vs-real floor (bench/learning.py, docs/recipes.md). 6,500 steps instead of 5,000 then lifted
-    # the guided shapes from 96.0-96.8% to 97.2% and their weakest class (star) from 82-83% to 85-86% (two draws
-    # of 3,000), for about 20% more stage-2 CPU; depth 3 x 7,000 steps and width 48 x 7,000 did no better than
-    # 5,000 steps at depth 4 (docs/recipes.md, "More steps"). Adaptive-LayerNorm class conditioning: on the
+    # 1.0x its real-vs-real floor (bench/learning.py, docs/recipes.md). On the 600-step tokenizer of the time,
+    # 6,500 steps instead of 5,000 lifted the guided shapes' weakest class (star) from 82-83% to 85-86% (two draws of
+    # 3,000); depth 3 x 7,000 steps and width 48 x 7,000 did no better than 5,000 steps at depth 4 (docs/recipes.md,
+    # "More steps"). With the 900-step tokenizer 5,000 steps are enough (shapes 98.9% recognised, no class below
+    # 92%; 5,500 steps: 99.0-99.1%, 94%) and keep both stages under 10 CPU-minutes on a slower host (530 CPU-s
+    # in all on an AMD EPYC core, where 6,500 steps and the 600-step tokenizer took 604; docs/recipes.md, "A
+    # longer-trained tokenizer"). Adaptive-LayerNorm class conditioning: on the
     # shapes, guided samples were recognised 91.8% of the time against 79.4% with a class token, on the digits
     # 98.2% against 98.0% at no guidance, for the same CPU time (bench/sweep.py, docs/recipes.md); unconditional
     # runs have no class and use neither.
@@ -181,7 +184,7 @@ MASKGIT_PRESETS: dict[str, tuple[MaskGITConfig, MaskGITTrainConfig]] = {
     "tiny": (
         MaskGITConfig(dim=64, depth=4, heads=4, dropout=0.0, class_cond_mode="adaln"),
         MaskGITTrainConfig(
-            steps=6500, batch_size=32, lr=2e-3, weight_decay=0.01, betas=(0.9, 0.99), warmup_steps=250,
+            steps=5000, batch_size=32, lr=2e-3, weight_decay=0.01, betas=(0.9, 0.99), warmup_steps=250,
             ema_decay=0.999, eval_every=500, sample_every=1000, sample_steps=8, num_sample_images=16,
             save_every=1000, num_eval_images=256, num_workers=0, tune_cfg=(1.0, 2.0), tune_temperatures=(1.0,),
             tune_remask=(True,),
