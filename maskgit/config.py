@@ -167,8 +167,8 @@ MASKGIT_PRESETS: dict[str, tuple[MaskGITConfig, MaskGITTrainConfig]] = {
     # 1.0x its real-vs-real floor (bench/learning.py, docs/recipes.md). On the 600-step tokenizer of the time,
     # 6,500 steps instead of 5,000 lifted the guided shapes' weakest class (star) from 82-83% to 85-86% (two draws of
     # 3,000); depth 3 x 7,000 steps and width 48 x 7,000 did no better than 5,000 steps at depth 4 (docs/recipes.md,
-    # "More steps"). With the 900-step tokenizer 5,000 steps are enough (shapes 98.9% recognised, no class below
-    # 92%; 5,500 steps: 99.0-99.1%, 94%) and keep both stages under 10 CPU-minutes on a slower host (530 CPU-s
+    # "More steps"). With the 900-step tokenizer 5,000 steps are enough (shapes 98.5-98.9% recognised, no class
+    # below 92%; 5,500 steps: 99.0-99.1%, 94%) and keep both stages under 10 CPU-minutes on a slower host (530 CPU-s
     # in all on an AMD EPYC core, where 6,500 steps and the 600-step tokenizer took 604; docs/recipes.md, "A
     # longer-trained tokenizer"). Adaptive-LayerNorm class conditioning: on the
     # shapes, guided samples were recognised 91.8% of the time against 79.4% with a class token, on the digits

@@ -155,7 +155,7 @@ VQ_PRESETS: dict[str, tuple[VQConfig, VQTrainConfig]] = {
     # against 92.1% recognised, bench/quality.py; digits unchanged; docs/recipes.md). 900 steps instead of 600
     # (about 40 CPU-s more): the judge recognises 99.8% of its reconstructions of real shapes against 98.9% (star 98%
     # against 93%, FD 105 against 231), and with the 5,000-step stage-2 preset two runs of the shapes drew 98.9% and
-    # ...% with no class below 92%, where 600 steps with 6,500 stage-2 steps drew 96.8-97.2% with star or diamond at
+    # 98.5% with no class below 92%, where 600 steps with 6,500 stage-2 steps drew 96.8-97.2% with star or diamond at
     # 85-88% (docs/recipes.md, "A longer-trained tokenizer").
     "tiny": (
         VQConfig(channels=16, max_channels=32, num_res_blocks=1, norm_groups=8, latent_dim=16, quantizer="fsq",
