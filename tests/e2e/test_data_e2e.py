@@ -1,6 +1,6 @@
 """Data end to end through the scripts: unreadable files mid-run (counted in metrics.jsonl, also through loader
-workers), --verify-images,
-Hugging Face sources, the token cache built by two processes, and the 16x16-grid path (sampling, editing, export)."""
+workers), --verify-images, Hugging Face sources, the token cache built by two processes, and the 16x16-grid path
+(sampling, editing, export)."""
 
 import json
 import shutil
